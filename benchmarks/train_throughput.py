@@ -1,0 +1,174 @@
+"""Training throughput: `distillery finetune` vs a plain PyTorch loop vs TRL's SFTTrainer.
+
+    PYTHONPATH=platform python benchmarks/train_throughput.py [--steps 30] [--batch-size 8]
+
+Same model (a small Llama built locally), same prepared rows, same batch size, optimiser and
+number of steps. Throughput is non-padding tokens per second over the steady-state steps (the
+first `--warmup` steps are left out of every measurement); Ray's start-up is reported apart.
+Prints a table and writes benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# The prepared-data writer used by the tests, until `distillery prepare` output is available here.
+sys.path.insert(0, str(REPO / "tests"))
+
+SPEC = dict(arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688)
+
+
+def build(work: Path) -> tuple[Path, Path]:
+    from prepared_fixture import write_prepared
+
+    from distillery.demo.corpus import write_corpus
+    from distillery.models.init_model import ArchSpec, init_model
+
+    corpus = write_corpus(work / "corpus", n_train=1200, n_test=10, seed=0)
+    model = work / "model"
+    init_model(model, ArchSpec(**SPEC), corpus=[str(corpus["train"])], vocab_size=2048, seed=0)
+    prepared = write_prepared(corpus["train"], model, work / "prepared")
+    return model, prepared
+
+
+def rows(prepared: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(prepared / "train", columns=["input_ids", "labels"]).to_pylist()
+
+
+def steady(times: list[float], tokens: list[int], warmup: int) -> float:
+    """Tokens per second between the end of step `warmup` and the end of the last step."""
+    return sum(tokens[warmup + 1 :]) / (times[-1] - times[warmup])
+
+
+def plain_loop(model_dir: Path, data: list[dict], steps: int, bs: int, lr: float, warmup: int) -> float:
+    import torch
+
+    import torch.nn.functional as F
+
+    from distillery.models.load import load_causal_lm, load_tokenizer
+    from distillery.train.collate import collate
+
+    torch.manual_seed(0)
+    pad = load_tokenizer(model_dir).pad_token_id
+    model = load_causal_lm(model_dir, dtype="float32")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, foreach=True)
+    times, tokens = [], []
+    for s in range(steps):
+        batch_rows = [data[(s * bs + i) % len(data)] for i in range(bs)]
+        b = collate({k: [r[k] for r in batch_rows] for k in ("input_ids", "labels")}, pad)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:], ignore_index=-100).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter())
+        tokens.append(int(b["attention_mask"].sum()))
+    return steady(times, tokens, warmup)
+
+
+def distillery_run(model_dir: Path, prepared: Path, out: Path, steps: int, bs: int, lr: float, warmup: int,
+                   workers: int, strategy: str) -> tuple[float, float]:
+    import ray
+
+    from distillery.config import load_config
+    from distillery.train.finetune import run_finetune
+
+    cfg = load_config(None, [
+        f"model.path={model_dir}", f"data.prepared={prepared}", f"output_dir={out}", f"train.max_steps={steps}",
+        f"train.batch_size={bs}", f"train.lr={lr}", f"train.num_workers={workers}", f"train.strategy={strategy}",
+        "train.scheduler=constant", f"train.cpus_per_worker={max(1, 2 // workers)}",
+    ])
+    t0 = time.perf_counter()
+    rc = run_finetune(cfg)
+    wall = time.perf_counter() - t0
+    ray.shutdown()
+    if rc != 0:
+        raise RuntimeError(f"distillery finetune failed (rc {rc})")
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps_recs = [r for r in recs if "loss" in r]
+    return steady([r["time"] for r in steps_recs], [r["tokens"] for r in steps_recs], warmup), wall
+
+
+def trl_run(model_dir: Path, data: list[dict], out: Path, steps: int, bs: int, lr: float, warmup: int) -> float:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from distillery.models.load import load_causal_lm, load_tokenizer
+
+    torch.manual_seed(0)
+    ds = Dataset.from_list([
+        {"input_ids": r["input_ids"], "completion_mask": [0 if x == -100 else 1 for x in r["labels"]]} for r in data
+    ])
+    mean_tokens = sum(len(r["input_ids"]) for r in data) / len(data)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter())
+
+    args = SFTConfig(
+        output_dir=str(out), max_steps=steps, per_device_train_batch_size=bs, learning_rate=lr, lr_scheduler_type="constant",
+        logging_strategy="no", save_strategy="no", report_to=[], completion_only_loss=True, packing=False,
+        max_length=None, dataloader_num_workers=0, use_cpu=True, bf16=False, seed=0, max_grad_norm=1.0,
+    )
+    trainer = SFTTrainer(model=load_causal_lm(model_dir, dtype="float32"), args=args, train_dataset=ds,
+                         processing_class=load_tokenizer(model_dir), callbacks=[Clock()])
+    trainer.train()
+    return steady(times, [int(mean_tokens * bs)] * len(times), warmup)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(2)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="distillery-bench-"))
+    model_dir, prepared = build(work)
+    data = rows(prepared)
+    print(f"model {SPEC}, {len(data)} rows, {args.steps} steps of batch {args.batch_size}", flush=True)
+
+    results: dict[str, dict] = {}
+    results["plain PyTorch loop (1 process)"] = {"tokens_per_s": plain_loop(model_dir, data, args.steps, args.batch_size, args.lr, args.warmup)}
+    tps, wall = distillery_run(model_dir, prepared, work / "run1", args.steps, args.batch_size, args.lr, args.warmup, 1, "none")
+    results["distillery finetune (1 worker, none)"] = {"tokens_per_s": tps, "wall_s": wall}
+    results["TRL SFTTrainer (1 process)"] = {"tokens_per_s": trl_run(model_dir, data, work / "trl", args.steps, args.batch_size, args.lr, args.warmup)}
+
+    base = results["plain PyTorch loop (1 process)"]["tokens_per_s"]
+    trl = results["TRL SFTTrainer (1 process)"]["tokens_per_s"]
+    ours = results["distillery finetune (1 worker, none)"]["tokens_per_s"]
+    print(f"\n{'run':<40} {'tokens/s':>10} {'vs plain':>9} {'vs TRL':>8}")
+    for name, r in results.items():
+        print(f"{name:<40} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>8.2f}x {r['tokens_per_s'] / trl:>7.2f}x")
+    print(f"\ndistillery / plain = {ours / base:.2f}x (target >= 0.87x); distillery / TRL = {ours / trl:.2f}x (target >= 1.2x)")
+    print(f"distillery wall time including Ray start-up, data and export: {results['distillery finetune (1 worker, none)']['wall_s']:.1f} s")
+    target = REPO / "benchmarks" / "results" / "train_throughput.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "results": results,
+               "ratio_vs_plain": ours / base, "ratio_vs_trl": ours / trl}
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, target)
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

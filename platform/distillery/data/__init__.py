@@ -1,0 +1,1 @@
+"""Ray Data: read, validate, clean, dedupe, augment, mix, split and tokenize corpora."""

@@ -1,0 +1,530 @@
+"""Knowledge-distillation losses, pure torch.
+
+Conventions shared by every function here
+------------------------------------------
+* Shapes: B batch, T sequence length, V vocabulary, H hidden size, K teacher top-k, N = B·T.
+* Position shift: like Hugging Face causal-LM logits, the distribution at position t (student
+  logits, teacher logits, or the teacher's cached top-k) predicts token t+1. `labels` are the
+  prepared-data labels, *not* shifted: `labels[:, t+1]` is the target of position t, and -100
+  (prompt, padding) removes position t from every loss. The last position never has a target.
+* Temperature: both distributions are softmax(logits / T); the KD term is multiplied by T² so its
+  gradient scale does not shrink as T grows (Hinton et al., 2015). CE always uses T = 1.
+* Reduction: the mean over target positions (those whose label is not -100).
+* Mixing: total = alpha · KD + (1 − alpha) · CE.
+
+Divergences (p teacher, q student, both tempered; sums over the vocabulary):
+    forward_kl  KL(p‖q) = Σ p (log p − log q)             mass-covering
+    reverse_kl  KL(q‖p) = Σ q (log q − log p)             mode-seeking
+    jsd         β·KL(p‖m) + (1−β)·KL(q‖m), m = β·p + (1−β)·q; β = 0 is forward KL and β = 1
+                reverse KL exactly (as TRL's `generalized_jsd_loss`, GKD, arXiv 2306.13649)
+    tvd         ½ Σ |p − q|
+
+Memory: `distill_loss` never materialises the B×T×V float32 softmax of teacher and student at
+once. It walks the target positions in chunks of `chunk_size` and, inside the forward pass,
+computes each chunk's loss *and* its gradient (w.r.t. the student logits, or the student hidden
+states and lm_head when fused), so autograd keeps no per-chunk softmax for later. Peak extra
+memory is a few chunk_size × V float32 tensors. `naive_distill_loss` is the textbook form with
+the same signature; the two agree in value and gradient (tests/unit/test_losses.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # same value as distillery.data.splits.IGNORE_INDEX (losses import no data code)
+
+LossKind = Literal["forward_kl", "reverse_kl", "jsd", "tvd"]
+KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+
+class VocabularyMismatchError(ValueError):
+    """Teacher and student do not share a vocabulary; the message names both sizes."""
+
+
+def check_vocab(teacher_vocab: int, student_vocab: int, teacher: str = "teacher", student: str = "student") -> None:
+    """Refuse a teacher/student pair whose output vocabularies differ, before any training starts.
+
+    `teacher_vocab` / `student_vocab` are the sizes of the lm_head outputs (config.vocab_size);
+    `teacher` / `student` name them in the message (e.g. the model paths).
+    """
+    if int(teacher_vocab) != int(student_vocab):
+        raise VocabularyMismatchError(
+            f"teacher and student must share a vocabulary: the teacher {teacher} has {teacher_vocab} tokens "
+            f"and the student {student} has {student_vocab}. Distil into a student built with the teacher's "
+            f"tokenizer (e.g. `distillery init-model ... --tokenizer-from TEACHER`)."
+        )
+
+
+# --------------------------------------------------------------------------- divergences
+
+
+def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: LossKind, beta: float = 0.5) -> torch.Tensor:
+    """Per-position divergence between two categorical distributions given as log-probabilities.
+
+    teacher_logp: (n, C) log p; entries may be -inf (zero teacher mass, e.g. outside a top-k).
+    student_logq: (n, C) log q, finite.
+    Returns (n,) float32. Terms with p = 0 contribute 0 (0·log 0 = 0); reverse KL with p = 0
+    where q > 0 is +inf, which is why the sparse path never asks for it on such a support.
+    """
+    p = teacher_logp.exp()
+    zero_p = p == 0
+    if kind == "forward_kl" or (kind == "jsd" and beta == 0):
+        return torch.where(zero_p, 0.0, p * (teacher_logp - student_logq)).sum(-1)
+    if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+        q = student_logq.exp()
+        return (q * (student_logq - teacher_logp)).sum(-1)
+    if kind == "jsd":
+        q = student_logq.exp()
+        log_m = torch.logaddexp(student_logq + math.log1p(-beta), teacher_logp + math.log(beta))
+        kl_pm = torch.where(zero_p, 0.0, p * (teacher_logp - log_m)).sum(-1)
+        kl_qm = (q * (student_logq - log_m)).sum(-1)
+        return beta * kl_pm + (1 - beta) * kl_qm
+    if kind == "tvd":
+        return 0.5 * (p - student_logq.exp()).abs().sum(-1)
+    raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
+
+
+# --------------------------------------------------------------------------- teacher forms
+
+
+@dataclass
+class SparseTeacher:
+    """A teacher known only by its top-k per position (the offline cache's form).
+
+    ids:      (B, T, K) int64 token ids, sorted by descending teacher logprob.
+    logprobs: (B, T, K) float teacher log-probabilities at temperature 1 (log_softmax over the
+              full vocabulary, as stored in the cache).
+    tail:     (B, T) float log of the teacher mass outside the top-k (needed when keep_tail).
+    Position t predicts token t+1, as dense logits do. Values at positions whose target label is
+    -100 are ignored (the cache stores nothing there; collation pads them with zeros).
+
+    How the sparse teacher becomes a distribution (the renormalisation bias):
+      * keep_tail=False: p̂ = softmax(logprobs / T) over the K ids, zero elsewhere. At T = 1 this is
+        p restricted to the top-k and renormalised, i.e. every kept probability is inflated by
+        1 / (top-k mass): the loss over-weights the head by exactly the missing tail mass, and
+        gives no signal about how the tail is shaped. The student keeps its full distribution,
+        so forward KL / JSD / TVD still push its mass off non-top-k tokens. Reverse KL against a
+        zero-tail teacher is infinite; for `reverse_kl` (and jsd with β = 1) the student is
+        restricted to the same K ids and renormalised too.
+      * keep_tail=True: K + 1 buckets, the K ids plus "everything else"; the teacher's last bucket
+        is its true tail mass, the student's is its exact mass outside the K ids. At T = 1 this is
+        unbiased on the bucket partition (the teacher's tail is merely coarsened). At T ≠ 1 the
+        teacher tail's tempered mass is unknown (it depends on how the tail is spread); it is taken
+        as one pseudo-token of logprob `tail`, which under-states the tail for T > 1 and
+        over-states it for T < 1.
+      With K = V both modes equal the dense loss exactly.
+    """
+
+    ids: torch.Tensor
+    logprobs: torch.Tensor
+    tail: torch.Tensor | None = None
+
+
+@dataclass
+class TeacherHidden:
+    """A dense teacher given as final hidden states plus its lm_head, so its logits are only ever
+    formed chunk by chunk: hidden (B, T, H_t), weight (V, H_t), bias (V,) or None.
+    Only valid for models whose logits are exactly `hidden @ weight.T + bias` (no soft-capping)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+Teacher = torch.Tensor | SparseTeacher | TeacherHidden
+
+
+def _sparse_buckets(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    tail: torch.Tensor | None,
+    temperature: float,
+    kind: LossKind,
+    beta: float,
+    keep_tail: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher and student log-probabilities over the sparse teacher's support.
+
+    student_logits: (n, V); ids, logprobs: (n, K); tail: (n,) or None.
+    Returns (teacher_logp, student_logq), each (n, K) or (n, K + 1) with a last "rest" bucket.
+    """
+    V = student_logits.shape[-1]
+    K = ids.shape[-1]
+    s = student_logits / temperature
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    s_top = s.gather(-1, ids)
+    has_rest = K < V  # with K = V nothing is outside the top-k: no rest bucket on either side
+    if not has_rest or ((kind == "reverse_kl" or (kind == "jsd" and beta == 1)) and not keep_tail):
+        return torch.log_softmax(logprobs / temperature, dim=-1), torch.log_softmax(s_top, dim=-1)
+    rest_lse = torch.logsumexp(s.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
+    student_logq = torch.cat([s_top, rest_lse], dim=-1) - lse
+    if keep_tail:
+        if tail is None:
+            raise ValueError("distill.keep_tail needs the teacher's tail logprob (teacher_tail_logprob in the cache)")
+        teacher_logp = torch.log_softmax(torch.cat([logprobs, tail.unsqueeze(-1)], dim=-1) / temperature, dim=-1)
+    else:
+        top = torch.log_softmax(logprobs / temperature, dim=-1)
+        teacher_logp = torch.cat([top, torch.full_like(top[:, :1], float("-inf"))], dim=-1)
+    return teacher_logp, student_logq
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@dataclass
+class DistillLossOutput:
+    """loss = alpha·kd + (1 − alpha)·ce (differentiable); kd (already × T²) and ce are detached
+    scalars for logging; num_tokens is the number of target positions averaged over."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+    num_tokens: int
+
+
+def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (n,) into B·T of positions with a target, and those targets (n,).
+
+    labels: (B, T) unshifted. Position t of row b is kept when labels[b, t+1] != ignore_index.
+    """
+    B, T = labels.shape
+    nxt = torch.full_like(labels, ignore_index)
+    nxt[:, :-1] = labels[:, 1:]
+    flat = nxt.reshape(-1)
+    idx = (flat != ignore_index).nonzero().squeeze(1)
+    return idx, flat.index_select(0, idx)
+
+
+def _check_shapes(student_vocab: int, teacher: Teacher) -> None:
+    if isinstance(teacher, SparseTeacher):
+        if teacher.ids.shape != teacher.logprobs.shape:
+            raise ValueError(f"sparse teacher ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} differ in shape")
+        return
+    tv = teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1]
+    check_vocab(tv, student_vocab)
+
+
+def _chunk_loss(
+    s_logits: torch.Tensor,
+    teacher: Teacher,
+    rows: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    kind: LossKind,
+    temperature: float,
+    beta: float,
+    keep_tail: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KD (× T²) and summed CE of one chunk. s_logits: (c, V) student logits of the flat
+    positions `rows` (c,), with CE targets `targets` (c,)."""
+    s_logits = s_logits.float()
+    if isinstance(teacher, SparseTeacher):
+        K = teacher.ids.shape[-1]
+        ids = teacher.ids.reshape(-1, K).index_select(0, rows).long()
+        lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
+        tail = None if teacher.tail is None else teacher.tail.reshape(-1).index_select(0, rows).float()
+        t_logp, s_logq = _sparse_buckets(s_logits, ids, lp, tail, temperature, kind, beta, keep_tail)
+    else:
+        with torch.no_grad():
+            if isinstance(teacher, TeacherHidden):
+                h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
+                t_logits = F.linear(h, teacher.weight, teacher.bias)
+            else:
+                t_logits = teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows)
+            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)
+        s_logq = torch.log_softmax(s_logits / temperature, dim=-1)
+    kd = divergence(t_logp, s_logq, kind, beta).sum() * temperature**2
+    ce = F.cross_entropy(s_logits, targets, reduction="sum")
+    return kd, ce
+
+
+class _ChunkedDistill(torch.autograd.Function):
+    """Loss and gradient per chunk inside forward; backward only scales the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, student, weight, bias, opts):  # type: ignore[override]
+        teacher, idx, targets, alpha, kw, chunk = opts
+        n = idx.numel()
+        flat = student.reshape(-1, student.shape[-1])
+        need = [t is not None and t.requires_grad for t in (student, weight, bias)]
+        g_flat = torch.zeros_like(flat) if need[0] else None
+        g_w = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None
+        g_b = torch.zeros_like(bias, dtype=torch.float32) if need[2] else None
+        w = weight.detach().requires_grad_(need[1]) if weight is not None else None
+        b = bias.detach().requires_grad_(need[2]) if bias is not None else None
+        kd_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
+        ce_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
+        for i in range(0, n, chunk):
+            rows = idx[i : i + chunk]
+            x = flat.index_select(0, rows).detach().requires_grad_(need[0])
+            with torch.enable_grad():
+                s_logits = F.linear(x, w, b) if w is not None else x
+                kd, ce = _chunk_loss(s_logits, teacher, rows, targets[i : i + chunk], **kw)
+                total = (alpha * kd + (1 - alpha) * ce) / n
+            wrt = [t for t, nd in zip((x, w, b), need) if nd]
+            if wrt:
+                grads = iter(torch.autograd.grad(total, wrt))
+                if need[0]:
+                    g_flat.index_copy_(0, rows, next(grads).to(g_flat.dtype))
+                if need[1]:
+                    g_w += next(grads)
+                if need[2]:
+                    g_b += next(grads)
+            kd_sum += kd.detach()
+            ce_sum += ce.detach()
+        ctx.grads = (
+            None if g_flat is None else g_flat.view_as(student),
+            None if g_w is None else g_w.to(weight.dtype),
+            None if g_b is None else g_b.to(bias.dtype),
+        )
+        denom = max(n, 1)
+        kd_mean, ce_mean = kd_sum / denom, ce_sum / denom
+        ctx.mark_non_differentiable(kd_mean, ce_mean)
+        return (alpha * kd_sum + (1 - alpha) * ce_sum) / denom, kd_mean, ce_mean
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_kd, _g_ce):  # type: ignore[override]
+        out = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        ctx.grads = None
+        return (*out, None)
+
+
+def distill_loss(
+    student: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    *,
+    kind: LossKind = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    keep_tail: bool = False,
+    chunk_size: int = 1024,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> DistillLossOutput:
+    """alpha·KD + (1 − alpha)·CE over the target positions, computed `chunk_size` positions at a time.
+
+    student: (B, T, V) student logits; or, fused, (B, T, H) final hidden states with
+             lm_head_weight (V, H) [and lm_head_bias (V,)], so student logits exist per chunk only.
+    teacher: (B, T, V) teacher logits, a `TeacherHidden` (fused teacher lm_head), or a
+             `SparseTeacher` (top-k ids/logprobs from the cache, (B, T, K)).
+    labels:  (B, T) unshifted labels, -100 where there is no target (see module docstring).
+    kind, temperature, beta: the divergence (distill.loss / temperature / beta); KD is × T².
+    alpha:   weight of KD (distill.alpha); CE at T = 1 takes 1 − alpha.
+    keep_tail: sparse teachers only, see `SparseTeacher`.
+    Returns DistillLossOutput; `.loss` backpropagates into `student`, `lm_head_weight` and
+    `lm_head_bias`, with the same value and gradient as `naive_distill_loss` up to float rounding.
+    Raises VocabularyMismatchError when teacher and student vocabularies differ.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
+    if chunk_size < 1:
+        raise ValueError(f"distill.chunk_size must be at least 1, got {chunk_size}")
+    V = lm_head_weight.shape[0] if lm_head_weight is not None else student.shape[-1]
+    _check_shapes(V, teacher)
+    idx, targets = target_positions(labels, ignore_index)
+    kw = dict(kind=kind, temperature=float(temperature), beta=float(beta), keep_tail=keep_tail)
+    loss, kd, ce = _ChunkedDistill.apply(
+        student, lm_head_weight, lm_head_bias, (teacher, idx, targets, float(alpha), kw, int(chunk_size))
+    )
+    return DistillLossOutput(loss=loss, kd=kd, ce=ce, num_tokens=int(idx.numel()))
+
+
+def naive_distill_loss(
+    student: torch.Tensor,
+    teacher: Teacher,
+    labels: torch.Tensor,
+    *,
+    kind: LossKind = "forward_kl",
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    beta: float = 0.5,
+    keep_tail: bool = False,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_size: int | None = None,  # accepted and ignored so both forms take the same arguments
+) -> DistillLossOutput:
+    """The full-vocabulary form of `distill_loss` (same arguments and result): every B×T×V
+    logit and softmax is held at once and autograd keeps them all. The reference and baseline."""
+    V = lm_head_weight.shape[0] if lm_head_weight is not None else student.shape[-1]
+    _check_shapes(V, teacher)
+    s_logits = F.linear(student, lm_head_weight, lm_head_bias) if lm_head_weight is not None else student
+    s_logits = s_logits.float()
+    B, T, _ = s_logits.shape
+    nxt = torch.full_like(labels, ignore_index)
+    nxt[:, :-1] = labels[:, 1:]
+    mask = nxt != ignore_index
+    n = int(mask.sum())
+    if isinstance(teacher, SparseTeacher):
+        t_logp, s_logq = _sparse_buckets(
+            s_logits.reshape(B * T, V),
+            teacher.ids.reshape(B * T, -1).long(),
+            teacher.logprobs.reshape(B * T, -1).float(),
+            None if teacher.tail is None else teacher.tail.reshape(-1).float(),
+            temperature, kind, beta, keep_tail,
+        )
+    else:
+        with torch.no_grad():
+            t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else teacher
+            t_logp = torch.log_softmax(t_logits.float().reshape(B * T, V) / temperature, dim=-1)
+        s_logq = torch.log_softmax(s_logits.reshape(B * T, V) / temperature, dim=-1)
+    per_pos = divergence(t_logp, s_logq, kind, beta) * temperature**2
+    m = mask.reshape(-1)
+    kd = (per_pos * m).sum() / max(n, 1)
+    ce = F.cross_entropy(s_logits.reshape(B * T, V), nxt.reshape(-1), ignore_index=ignore_index, reduction="sum") / max(n, 1)
+    loss = alpha * kd + (1 - alpha) * ce
+    return DistillLossOutput(loss=loss, kd=kd.detach(), ce=ce.detach(), num_tokens=n)
+
+
+# --------------------------------------------------------------------------- dynamic weight
+
+
+def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean entropy (nats, T = 1) of the teacher over the target positions; a detached scalar.
+
+    teacher: (B, T, V) logits, TeacherHidden or SparseTeacher (entropy of the renormalised top-k).
+    labels:  (B, T) unshifted. Computed in chunks like `distill_loss`.
+    """
+    idx, _ = target_positions(labels, ignore_index)
+    total = torch.zeros((), dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(0, idx.numel(), chunk_size):
+            rows = idx[i : i + chunk_size]
+            if isinstance(teacher, SparseTeacher):
+                K = teacher.logprobs.shape[-1]
+                logp = torch.log_softmax(teacher.logprobs.reshape(-1, K).index_select(0, rows).float(), dim=-1)
+            elif isinstance(teacher, TeacherHidden):
+                h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
+                logp = torch.log_softmax(F.linear(h, teacher.weight, teacher.bias).float(), dim=-1)
+            else:
+                logp = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows).float(), dim=-1)
+            total += torch.where(logp.isneginf(), 0.0, -logp.exp() * logp).sum().cpu()
+    return total / max(idx.numel(), 1)
+
+
+def entropy_kd_weight(entropy: float | torch.Tensor, vocab_size: int, alpha: float, floor: float = 0.0) -> float:
+    """Per-batch KD weight that trusts a confident teacher more: alpha · (1 − H / log V), at least `floor`.
+
+    entropy: the batch's mean teacher entropy in nats (`teacher_entropy`); log V is the largest
+    possible entropy, so a uniform teacher gets weight `floor` and a one-hot teacher gets alpha.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    h = float(entropy)
+    frac = min(max(h / math.log(vocab_size), 0.0), 1.0)
+    return max(alpha * (1.0 - frac), floor)
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+ScheduleKind = Literal["constant", "linear", "cosine", "step"]
+
+
+def schedule(kind: ScheduleKind, start: float, end: float, step: int, total_steps: int, num_stages: int = 4) -> float:
+    """A value (temperature, alpha, a feature-loss weight) moved from `start` to `end` over training.
+
+    constant: start throughout.  linear: straight line.  cosine: half-cosine ease.
+    step: `num_stages` equal plateaus, the first at start and the last at end.
+    `step` is clamped to [0, total_steps]; with total_steps <= 0 every non-constant kind gives `end`.
+    """
+    if kind == "constant":
+        return float(start)
+    if total_steps <= 0:
+        return float(end)
+    frac = min(max(step / total_steps, 0.0), 1.0)
+    if kind == "linear":
+        return start + (end - start) * frac
+    if kind == "cosine":
+        return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if kind == "step":
+        if num_stages < 2:
+            raise ValueError(f"a step schedule needs num_stages >= 2, got {num_stages}")
+        stage = min(int(frac * num_stages), num_stages - 1)
+        return start + (end - start) * stage / (num_stages - 1)
+    raise ValueError(f"schedule kind must be one of constant, linear, cosine, step; got '{kind}'")
+
+
+# --------------------------------------------------------------------------- feature distillation
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Evenly spaced (student_layer, teacher_layer) pairs: student layer i ↔ teacher layer
+    round((i + 1) · L_t / L_s) − 1, so the last layers always pair up."""
+    if student_layers < 1 or teacher_layers < 1:
+        raise ValueError(f"layer counts must be positive, got student {student_layers}, teacher {teacher_layers}")
+    return [(i, max(round((i + 1) * teacher_layers / student_layers) - 1, 0)) for i in range(student_layers)]
+
+
+def feature_projection(student_hidden: int, teacher_hidden: int) -> torch.nn.Linear | None:
+    """The learned map from student to teacher hidden size (Linear without bias), or None when equal.
+    It trains with the student and is discarded after distillation."""
+    if student_hidden == teacher_hidden:
+        return None
+    return torch.nn.Linear(student_hidden, teacher_hidden, bias=False)
+
+
+def hidden_state_loss(
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    kind: Literal["mse", "cosine"] = "mse",
+    projection: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """Feature distillation between one mapped pair of layers.
+
+    student_hidden: (B, T, H_s); teacher_hidden: (B, T, H_t) (detached inside);
+    mask: (B, T) bool/0-1, positions that count (e.g. attention_mask), None for all;
+    projection: maps H_s → H_t when they differ (`feature_projection`).
+    mse: mean over kept positions of the mean squared error over H_t.
+    cosine: mean over kept positions of 1 − cos(student, teacher).
+    Returns a scalar.
+    """
+    s = projection(student_hidden) if projection is not None else student_hidden
+    t = teacher_hidden.detach().to(s.dtype)
+    if s.shape[-1] != t.shape[-1]:
+        raise ValueError(
+            f"hidden sizes differ (student {s.shape[-1]}, teacher {t.shape[-1]}): pass feature_projection({student_hidden.shape[-1]}, {t.shape[-1]})"
+        )
+    if kind == "mse":
+        per_pos = (s - t).pow(2).mean(-1)
+    elif kind == "cosine":
+        per_pos = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-8)
+    else:
+        raise ValueError(f"hidden-state loss must be 'mse' or 'cosine', got '{kind}'")
+    if mask is None:
+        return per_pos.mean()
+    m = mask.to(per_pos.dtype)
+    return (per_pos * m).sum() / m.sum().clamp_min(1)
+
+
+def attention_kl(student_attn: torch.Tensor, teacher_attn: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """KL(teacher ‖ student) between attention probabilities of one mapped layer.
+
+    student_attn, teacher_attn: (B, heads, T, T) attention probabilities (rows sum to 1 over the
+    last, key, dimension; e.g. `output_attentions=True` with eager attention). Head counts must
+    match. mask: (B, T) query positions that count. Returns the mean over batch, heads and kept
+    queries of Σ_k p log(p / q). `eps` guards log 0 of masked keys.
+    """
+    if student_attn.shape[1] != teacher_attn.shape[1]:
+        raise ValueError(
+            f"attention distillation needs equal head counts: student has {student_attn.shape[1]}, teacher {teacher_attn.shape[1]}"
+        )
+    if student_attn.shape != teacher_attn.shape:
+        raise ValueError(f"attention shapes differ: student {tuple(student_attn.shape)}, teacher {tuple(teacher_attn.shape)}")
+    p = teacher_attn.detach().float()
+    q = student_attn.float()
+    per_q = (p * (torch.log(p + eps) - torch.log(q + eps))).sum(-1)  # (B, heads, T)
+    if mask is None:
+        return per_q.mean()
+    m = mask.to(per_q.dtype).unsqueeze(1).expand_as(per_q)
+    return (per_q * m).sum() / m.sum().clamp_min(1)

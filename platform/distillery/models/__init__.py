@@ -1,0 +1,1 @@
+"""Models and tokenizers: build tiny ones locally, load any Hugging Face checkpoint, plan which parameters train."""

@@ -1,0 +1,72 @@
+"""Load tokenizers and causal LMs from a Hugging Face directory or a Distillery run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The Hugging Face directory behind `path`.
+
+    A run directory (has `model/`) resolves to its `model/`; a model directory resolves to itself.
+    Raises FileNotFoundError naming the path when neither holds a `config.json` or adapter.
+    """
+    p = Path(path)
+    if (p / "model").is_dir() and not (p / "config.json").exists():
+        p = p / "model"
+    if not ((p / "config.json").exists() or (p / "adapter_config.json").exists()):
+        raise FileNotFoundError(f"'{path}' is neither a model directory (config.json) nor a run directory (model/)")
+    return p
+
+
+def adapter_base(model_dir: str | os.PathLike[str]) -> str | None:
+    """The base model path a PEFT adapter records, or None for full weights."""
+    cfg = Path(model_dir) / "adapter_config.json"
+    if not cfg.exists():
+        return None
+    return json.loads(cfg.read_text())["base_model_name_or_path"]
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """A fast tokenizer with a pad token (eos when the checkpoint has none)."""
+    from transformers import AutoTokenizer
+
+    model_dir = resolve_model_dir(path)
+    source = model_dir if (model_dir / "tokenizer_config.json").exists() else adapter_base(model_dir) or model_dir
+    tok = AutoTokenizer.from_pretrained(source)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def torch_dtype(name: str, use_gpu: bool):
+    """Map a config dtype name to torch; `auto` is bf16 on GPU and fp32 on CPU (faster on these CPUs)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if use_gpu else torch.float32
+    return getattr(torch, name)
+
+
+def load_causal_lm(path: str | os.PathLike[str], dtype: str = "auto", use_gpu: bool = False, **kwargs):
+    """Load full weights, or a PEFT adapter on top of the base model it records."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = resolve_model_dir(path)
+    base = adapter_base(model_dir)
+    td = torch_dtype(dtype, use_gpu)
+    if base is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=td, **kwargs)
+    from peft import PeftModel
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=td, **kwargs)
+    return PeftModel.from_pretrained(model, model_dir)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

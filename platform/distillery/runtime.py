@@ -1,0 +1,29 @@
+"""Starting or joining Ray from a stage, the same way everywhere.
+
+Inside `ray job submit` (or with `RAY_ADDRESS` set, e.g. `RAY_ADDRESS=auto` after `ray start --head`)
+a stage joins that cluster. Otherwise it starts a private local instance with `address="local"`:
+plain `ray.init()` would silently attach to whatever cluster `ray start` last left running on the
+machine, with its resources instead of the ones the stage sized.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def ensure_ray(num_cpus: float | None = None, **kwargs) -> bool:
+    """Make sure this process is connected to Ray; True if this call started it (the caller shuts it down).
+
+    `num_cpus` sizes a new local instance (logical CPUs; may exceed physical cores, see
+    ARCHITECTURE.md); it is ignored when joining an existing cluster, which has its own.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    return True

@@ -1,0 +1,388 @@
+"""`distillery serve`: finished runs behind an OpenAI-compatible API (Ray Serve LLM + vLLM).
+
+Three ways to run the same application:
+
+    distillery serve serve/student.yaml                          # blocking; Ctrl-C shuts down
+    serve run serve/student.ray.yaml                             # Ray Serve's own runner
+    serve deploy serve/student.ray.yaml                          # onto a running cluster
+
+`serve run` / `serve deploy` import `distillery.serving:app_builder`, whose args name the
+Distillery config (and optional overrides).
+
+Each `serve.models` entry is a run directory (`config.yaml` + `model/`) or a Hugging Face model
+directory. Full weights get one vLLM engine deployment each. A LoRA run is served as an adapter
+on its base model's engine (several adapters share one base; clients ask for `base:adapter`),
+or, with `merge_lora: true`, merged once into full weights beside the adapter and served as
+its own model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException
+from ray.llm._internal.common.models import global_id_manager
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+
+from distillery.config import Config, ConfigError, check_paths, load_config
+from distillery.models.load import adapter_base, resolve_model_dir
+from distillery.runtime import ensure_ray
+
+APP_NAME = "distillery"
+ADAPTERS_KEY = "distillery_adapters"  # LLMConfig.experimental_configs key: adapter name -> local dir
+MAX_LEN_KEY = "distillery_max_model_len"  # LLMConfig.experimental_configs key: context length in tokens
+# LoRA ranks vLLM accepts for max_lora_rank.
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class EngineSpec:
+    """One vLLM engine deployment: a full-weight model plus the adapters served on top of it."""
+
+    model_id: str
+    path: str
+    adapters: dict[str, str] = field(default_factory=dict)  # adapter name -> adapter dir
+    max_lora_rank: int = 0
+
+
+def _check_name(name: str, key: str) -> str:
+    if not name or ":" in name or "/" in name:
+        raise ConfigError(f"{key}: model name '{name}' must be non-empty and contain neither ':' nor '/'")
+    return name
+
+
+def merged_dir(adapter_dir: Path) -> Path:
+    """Where a LoRA run's merged full weights live: beside the adapter (`<run>/model-merged`)."""
+    return adapter_dir.parent / f"{adapter_dir.name}-merged"
+
+
+def merge_adapter(adapter_dir: Path) -> Path:
+    """Merge a PEFT adapter into its base once (safetensors, atomic rename); reuse it afterwards."""
+    target = merged_dir(adapter_dir)
+    if (target / "config.json").exists():
+        return target
+    from distillery.models.load import load_causal_lm, load_tokenizer
+
+    print(f"serve: merging LoRA adapter {adapter_dir} into full weights at {target}", flush=True)
+    model = load_causal_lm(adapter_dir, dtype="float32").merge_and_unload()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp, safe_serialization=True)
+    load_tokenizer(adapter_dir).save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def plan_engines(cfg: Config) -> list[EngineSpec]:
+    """Group `serve.models` into engines: full weights directly, adapters onto their base model."""
+    engines: dict[str, EngineSpec] = {}  # resolved full-weight dir -> engine
+    pending: list[tuple[int, str, Path, str]] = []  # (index, adapter name, adapter dir, base path)
+
+    def engine_for(path: Path, name: str, key: str) -> EngineSpec:
+        real = str(path.resolve())
+        if real not in engines:
+            if any(e.model_id == name for e in engines.values()):
+                raise ConfigError(f"{key}: model name '{name}' is used twice; set `name` to tell them apart")
+            engines[real] = EngineSpec(model_id=_check_name(name, key), path=real)
+        return engines[real]
+
+    for i, m in enumerate(cfg.serve.models):
+        key = f"serve.models.{i}"
+        try:
+            model_dir = resolve_model_dir(m.path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{key}.path: {e}") from None
+        default_name = Path(m.path.rstrip("/")).name
+        base = adapter_base(model_dir)
+        if base is None:
+            engine_for(model_dir, m.name or default_name, key)
+        elif m.merge_lora:
+            engine_for(merge_adapter(model_dir), m.name or default_name, key)
+        else:
+            pending.append((i, _check_name(m.name or default_name, f"{key}.name"), model_dir, base))
+
+    for i, name, adapter_dir, base in pending:
+        key = f"serve.models.{i}"
+        try:
+            base_dir = resolve_model_dir(base)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{key}.path: the adapter's base model cannot be found: {e}") from None
+        engine = engine_for(base_dir, Path(base.rstrip("/")).name, key)
+        if name in engine.adapters:
+            raise ConfigError(f"{key}.name: adapter name '{name}' is used twice on base '{engine.model_id}'")
+        engine.adapters[name] = str(adapter_dir.resolve())
+        rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 8)
+        engine.max_lora_rank = max(engine.max_lora_rank, rank)
+    return list(engines.values())
+
+
+def _use_gpu(cfg: Config) -> bool:
+    if cfg.serve.device != "auto":
+        return cfg.serve.device == "gpu"
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
+    """The ray.serve.llm `LLMConfig` of one engine deployment."""
+    from ray.serve.llm import LLMConfig
+
+    s = cfg.serve
+    engine_kwargs: dict[str, Any] = {"max_num_seqs": s.max_num_seqs}
+    if s.max_model_len is not None:
+        engine_kwargs["max_model_len"] = s.max_model_len
+    if s.max_num_batched_tokens is not None:
+        engine_kwargs["max_num_batched_tokens"] = s.max_num_batched_tokens
+    if s.dtype != "auto":
+        engine_kwargs["dtype"] = s.dtype
+    elif not use_gpu:
+        engine_kwargs["dtype"] = "float32"  # fp32 GEMMs run faster than bf16 on these CPUs
+    env_vars: dict[str, str] = {}
+    if not use_gpu:
+        # CUDA-graph capture does not exist on CPU and torch.compile dominates start-up on small
+        # hosts; eager mode starts an engine in about a third of the time.
+        engine_kwargs["enforce_eager"] = True
+        env_vars["VLLM_CPU_KVCACHE_SPACE"] = f"{s.cpu_kv_cache_gib:g}"
+    lora_config = None
+    if engine.adapters:
+        engine_kwargs["enable_lora"] = True
+        engine_kwargs["max_lora_rank"] = next((r for r in _VLLM_LORA_RANKS if r >= engine.max_lora_rank), 512)
+        engine_kwargs["max_loras"] = min(len(engine.adapters), 8)
+        lora_config = {"max_num_adapters_per_replica": max(len(engine.adapters), 1)}
+    a = s.autoscaling
+    deployment_config = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "backpressure_config": {"status_code": s.overload_status, "retry_after_s": s.retry_after_s},
+        "autoscaling_config": {
+            "min_replicas": a.min_replicas,
+            "initial_replicas": max(a.min_replicas, 1),
+            "max_replicas": max(a.max_replicas, a.min_replicas),
+            "target_ongoing_requests": a.target_ongoing_requests,
+        },
+    }
+    return LLMConfig(
+        model_loading_config={"model_id": engine.model_id, "model_source": engine.path},
+        engine_kwargs=engine_kwargs,
+        accelerator_config={"kind": "gpu" if use_gpu else "cpu"},
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        deployment_config=deployment_config,
+        lora_config=lora_config,
+        server_cls=DistilleryLLMServer,
+        experimental_configs={ADAPTERS_KEY: engine.adapters, MAX_LEN_KEY: _context_length(cfg, engine)},
+    )
+
+
+def _context_length(cfg: Config, engine: EngineSpec) -> int | None:
+    """The engine's context: `serve.max_model_len`, else the model config's (as vLLM derives it)."""
+    if cfg.serve.max_model_len is not None:
+        return cfg.serve.max_model_len
+    model_cfg = json.loads((Path(engine.path) / "config.json").read_text())
+    return model_cfg.get("max_position_embeddings") or model_cfg.get("n_positions")
+
+
+def read_api_key(cfg: Config) -> str | None:
+    """The API key from `serve.api_key_env` or `serve.api_key_file`; None when neither is set."""
+    s = cfg.serve
+    if s.api_key_env:
+        key = os.environ.get(s.api_key_env, "").strip()
+        if not key:
+            raise ConfigError(f"serve.api_key_env: environment variable {s.api_key_env} is not set or empty")
+        return key
+    if s.api_key_file:
+        try:
+            key = Path(s.api_key_file).read_text(encoding="utf-8").splitlines()[0].strip()
+        except (FileNotFoundError, IndexError):
+            raise ConfigError(f"serve.api_key_file: '{s.api_key_file}' is missing or empty") from None
+        if not key:
+            raise ConfigError(f"serve.api_key_file: the first line of '{s.api_key_file}' is empty")
+        return key
+    return None
+
+
+def build_app(cfg: Config):
+    """The Ray Serve application (`ray.serve.llm.build_openai_app`) for `cfg.serve`."""
+    from ray.serve.llm import build_openai_app
+
+    from distillery.serving_ingress import DistilleryIngress, key_digest
+
+    if not cfg.serve.models:
+        raise ConfigError("serve.models: nothing to serve")
+    key = read_api_key(cfg)
+    engines = plan_engines(cfg)
+    use_gpu = _use_gpu(cfg)
+    s = cfg.serve
+    return build_openai_app({
+        "llm_configs": [llm_config(cfg, e, use_gpu) for e in engines],
+        "ingress_cls_config": {
+            "ingress_cls": DistilleryIngress,
+            "ingress_extra_kwargs": {
+                "adapters": {e.model_id: e.adapters for e in engines if e.adapters},
+                "api_key_digest": key_digest(key) if key else None,
+                "overload_status": s.overload_status,
+                "retry_after_s": s.retry_after_s,
+            },
+        },
+        # On a 2-core host a CPU held by the ingress would leave none for the engine replica.
+        "ingress_deployment_config": {
+            "ray_actor_options": {"num_cpus": s.ingress_cpus},
+            "max_queued_requests": s.max_queued_requests,
+            "backpressure_config": {"status_code": s.overload_status, "retry_after_s": s.retry_after_s},
+        },
+    })
+
+
+def app_builder(args: dict[str, Any]):
+    """Application builder for Ray Serve's CLI.
+
+        serve run distillery.serving:app_builder config=serve/student.yaml
+        serve run serve/student.ray.yaml        # same, with args from a Serve config file
+
+    args: `config` (a Distillery config path) and optional `overrides` (list of `key=value`).
+    """
+    unknown = set(args) - {"config", "overrides"}
+    if "config" not in args or unknown:
+        raise ConfigError(f"app_builder args: need `config` (and optional `overrides`); got {sorted(args)}")
+    overrides = args.get("overrides") or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    cfg = load_config(args["config"], list(overrides))
+    check_paths(cfg, ["serve.models"])
+    return build_app(cfg)
+
+
+def _ray_num_cpus(cfg: Config) -> int:
+    # Each engine replica's placement group holds two logical CPUs (its actor and the vLLM worker);
+    # logical CPUs may exceed cores (vLLM's own threads share the real cores).
+    engines = max(len(cfg.serve.models), 1) * max(cfg.serve.autoscaling.max_replicas, 1)
+    return cfg.serve.ray_num_cpus or max(4, os.cpu_count() or 1, 2 * engines)
+
+
+def run_serve(cfg: Config) -> int:
+    """`distillery serve CONFIG`: start Ray Serve, print the URL, serve until Ctrl-C or SIGTERM."""
+    import ray
+    from ray import serve
+
+    # Config errors (missing key, bad run dir, clashing names) surface before Ray starts;
+    # building the app itself needs a Ray session (deployment options read its runtime env).
+    read_api_key(cfg)
+    plan_engines(cfg)
+    s = cfg.serve
+    started = ensure_ray(num_cpus=_ray_num_cpus(cfg), include_dashboard=False)
+    app = build_app(cfg)
+    # Ctrl-C (even when started from a shell that ignores SIGINT for background jobs) and
+    # SIGTERM both shut Serve and Ray down cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        print(f"serve: starting {len(cfg.serve.models)} model(s); engines take a minute to load", flush=True)
+        serve.start(http_options={"host": s.host, "port": s.port})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://{s.host}:{s.port}/v1"
+        auth = "API key required" if (s.api_key_env or s.api_key_file) else "no API key"
+        print(f"serve: ready at {url} ({auth}); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print("serve: shutting down", flush=True)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            if started:
+                ray.shutdown()
+    print("serve: stopped", flush=True)
+    return 0
+
+
+# --------------------------------------------------------------------------- engine side
+
+
+class LocalAdapterLoader(LoraModelLoader):
+    """Resolves `base:adapter` to a local PEFT directory (Ray's loader only reads cloud storage)."""
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        if lora_model_id in self.disk_cache:
+            return self.disk_cache[lora_model_id]
+        name = lora_model_id.split(":", 1)[1] if ":" in lora_model_id else ""
+        path = llm_config.experimental_configs.get(ADAPTERS_KEY, {}).get(name)
+        if path is None:
+            raise HTTPException(404, f"model '{lora_model_id}' does not exist")
+        disk = DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=path,
+                                   lora_assigned_int_id=global_id_manager.next())
+        self.disk_cache[lora_model_id] = disk
+        return disk
+
+
+class DistilleryLLMServer(LLMServer):
+    """Ray's LLM server (the engine replica), plus local LoRA adapters and a context-length check.
+
+    vLLM silently shortens `max_tokens` when prompt + max_tokens exceed the context; a client
+    asking for more than fits gets a 400 here instead, before the request is scheduled.
+    """
+
+    async def __init__(self, llm_config, *, engine_cls=None, model_downloader=None):
+        await super().__init__(llm_config, engine_cls=engine_cls,
+                               model_downloader=model_downloader or LocalAdapterLoader)
+        self._tokenizer = None
+
+    def _prompt_tokens(self, request) -> int:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._llm_config.model_loading_config.model_source)
+        tok = self._tokenizer
+        messages = getattr(request, "messages", None)
+        if messages is not None:
+            plain = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+            ids = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        prompt = request.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        return max((len(p) if not isinstance(p, str) else len(tok(p)["input_ids"])) for p in prompts or [""])
+
+    def _context_error(self, request):
+        """An ErrorResponse (400) when prompt + max_tokens exceed the context, else None."""
+        limit = self._llm_config.experimental_configs.get(MAX_LEN_KEY)
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if not limit or not wanted:
+            return None
+        try:
+            n = self._prompt_tokens(request)
+        except Exception:  # noqa: BLE001 - an unusual prompt shape is left to vLLM's own checks
+            return None
+        if n + wanted <= limit:
+            return None
+        from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
+
+        message = (f"prompt ({n} tokens) plus max_tokens ({wanted}) exceeds the model's context of {limit} "
+                   f"tokens; shorten the prompt or lower max_tokens")
+        return ErrorResponse(error=ErrorInfo(message=message, type="invalid_request_error", param="max_tokens", code=400))
+
+    async def chat(self, request, raw_request_info=None):
+        error = self._context_error(request)
+        return _once(error) if error else await super().chat(request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None):
+        error = self._context_error(request)
+        return _once(error) if error else await super().completions(request, raw_request_info)
+
+
+async def _once(item):
+    yield item
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: keep module-level work behind this guard
+    sys.exit(run_serve(load_config(sys.argv[1], sys.argv[2:])))

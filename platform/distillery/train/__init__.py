@@ -1,0 +1,1 @@
+"""Ray Train per-worker loops: finetune (SFT) and distill (teacher -> student)."""

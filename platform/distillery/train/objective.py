@@ -1,0 +1,145 @@
+"""Training objectives: what one batch's loss is. The loop is the same for every objective.
+
+An objective is called on the (possibly FSDP/DDP-wrapped) model and a collated batch and returns
+`(loss, metrics)`. `evaluate` returns *sums* (negative log-likelihood, token count, and any
+extras) that the loop all-reduces across workers before dividing. Distillation objectives add
+a teacher (online or cached) and extra trainable modules (`extra_modules`) without touching the loop.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from distillery.config import Config
+from distillery.data.splits import IGNORE_INDEX
+
+
+def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align next-token predictions: logits [B, T, V] -> [B, T-1, V]; labels [B, T] -> targets [B, T-1]."""
+    return logits[:, :-1], labels[:, 1:]
+
+
+def key_term_sequences(tokenizer, terms: list[str]) -> list[list[int]]:
+    """Token-id sequences of each key term, with and without a leading space (BPE tokenises them differently)."""
+    seqs = set()
+    for term in terms:
+        for text in (term, " " + term):
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if ids:
+                seqs.add(tuple(ids))
+    return [list(s) for s in sorted(seqs, key=len, reverse=True)]
+
+
+def key_term_mask(input_ids: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
+    """Bool [B, T]: True where a token belongs to an occurrence of any key-term sequence."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    T = input_ids.shape[1]
+    for seq in sequences:
+        n = len(seq)
+        if n > T:
+            continue
+        target = torch.tensor(seq, dtype=input_ids.dtype)
+        windows = input_ids.unfold(1, n, 1)  # [B, T-n+1, n]
+        hits = (windows == target).all(-1)  # [B, T-n+1]
+        for k in range(n):
+            mask[:, k : k + hits.shape[1]] |= hits
+    return mask
+
+
+class CrossEntropyObjective:
+    """Token cross-entropy on response tokens, optionally up-weighting key terms, plus an optional EWC penalty."""
+
+    def __init__(self, cfg: Config, tokenizer, ewc=None):
+        self.key_sequences = key_term_sequences(tokenizer, cfg.train.key_terms) if cfg.train.key_terms else []
+        self.key_weight = cfg.train.key_term_weight
+        self.ewc = ewc  # distillery.train.ewc.EwcPenalty or None
+
+    def extra_modules(self) -> list[torch.nn.Module]:
+        return []
+
+    def set_step(self, step: int, total: int) -> None:
+        """Called before every optimiser step (distillation schedules use it; cross-entropy has none)."""
+
+    def columns(self) -> list[str]:
+        """Dataset columns a batch needs."""
+        return ["row_id", "input_ids", "labels"]
+
+    def after_wrap(self, model) -> None:
+        """Called once the model is wrapped (FSDP/DDP): lay out any per-parameter state like the parameters."""
+        if self.ewc is not None:
+            self.ewc.shard_like(model)
+
+    def token_weights(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """[B, T-1] loss weight per target token (None: all 1)."""
+        if not self.key_sequences:
+            return None
+        hit = key_term_mask(batch["input_ids"], self.key_sequences)[:, 1:]
+        return torch.where(hit, self.key_weight, 1.0)
+
+    def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = shift(logits, batch["labels"])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+        valid = (targets != IGNORE_INDEX).float()
+        weights = self.token_weights(batch)
+        w = valid if weights is None else valid * weights.to(valid.dtype)
+        ce = (nll * w).sum() / w.sum().clamp_min(1.0)
+        return ce, {"ce_loss": ce.item()}
+
+    def after_backward(self, model) -> dict[str, float]:
+        """Once per optimiser step, after the last backward: EWC adds its gradient (and reports its value)."""
+        if self.ewc is None:
+            return {}
+        value = float(self.ewc.penalty(model))
+        self.ewc.add_grad(model)
+        return {"ewc_penalty": value}
+
+    @torch.no_grad()
+    def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits, targets = shift(logits, batch["labels"])
+        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return {"nll": nll.item(), "tokens": float((targets != IGNORE_INDEX).sum().item())}
+
+
+def finish_eval(sums: dict[str, float]) -> dict[str, float]:
+    """Turn all-reduced sums into metrics: val_loss, val_perplexity, and per-token means of extras."""
+    tokens = max(sums.get("tokens", 0.0), 1.0)
+    loss = sums.get("nll", 0.0) / tokens
+    out = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    for key, value in sums.items():
+        if key not in ("nll", "tokens"):
+            out[f"val_{key}"] = value / tokens
+    return out
+
+
+def build_objective(cfg: Config, stage: str, tokenizer, model, device: torch.device):
+    """The objective for `stage`, built on each worker before the model is wrapped."""
+    if stage == "distill":
+        from distillery.train.distill import DistillObjective
+
+        return DistillObjective(cfg, tokenizer, model, device)
+    ewc = None
+    if cfg.train.ewc.lam > 0:
+        from distillery.train.ewc import EwcPenalty, estimate_fisher, previous_rows
+
+        path = os.path.join(cfg.output_dir, "ewc.safetensors")
+        if os.path.exists(path):
+            ewc = EwcPenalty.load(cfg.train.ewc.lam, path)
+        else:
+            rows = previous_rows(cfg)
+            ewc = EwcPenalty(cfg.train.ewc.lam, *estimate_fisher(model, rows, tokenizer.pad_token_id))
+            if _rank() == 0:
+                ewc.save(path)
+    return CrossEntropyObjective(cfg, tokenizer, ewc)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

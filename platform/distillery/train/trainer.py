@@ -1,0 +1,136 @@
+"""Build the Ray Train `TorchTrainer` for a training stage, and run it as a CLI stage.
+
+Used by `distillery finetune`, `distillery distill` and by every `distillery tune` trial.
+The run directory (`output_dir`) gets `config.yaml`, `metrics.jsonl`, `model/`, `run.json`,
+and Ray Train's own storage (`ray/`, checkpoints) — re-running with the same `output_dir`
+resumes from the last checkpoint. For multi-node runs `output_dir` must be shared storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from distillery.config import Config, ConfigError, write_resolved
+from distillery.data.splits import load_manifest, read_split
+from distillery.runtime import ensure_ray
+
+
+def validate_training(cfg: Config, stage: str = "finetune") -> None:
+    """Checks that need no Ray: strategy vs workers, prepared data present, teacher/cache usable."""
+    if cfg.train.strategy == "none" and cfg.train.num_workers > 1:
+        raise ConfigError("train.strategy: 'none' trains one unwrapped model; use fsdp or ddp with train.num_workers > 1")
+    if cfg.train.use_gpu is False and cfg.train.precision == "bf16":
+        raise ConfigError("train.precision: bf16 mixed precision needs train.use_gpu (CPU training runs in fp32)")
+    load_manifest(cfg.prepared_dir)
+    if stage == "distill":
+        from distillery.train.distill import validate_distill
+
+        validate_distill(cfg)
+
+
+def total_steps(cfg: Config, train_rows: int) -> int:
+    """Optimiser steps the run will take (max_steps, or whole epochs of each worker's equal shard)."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    per_worker = train_rows // cfg.train.num_workers
+    micro = math.ceil(per_worker / cfg.train.batch_size)
+    steps = cfg.train.epochs * (micro // cfg.train.grad_accum)
+    if steps < 1:
+        raise ConfigError(
+            f"train: {train_rows} training rows over {cfg.train.num_workers} worker(s) give no full step of "
+            f"batch_size {cfg.train.batch_size} x grad_accum {cfg.train.grad_accum}"
+        )
+    return steps
+
+
+def training_datasets(cfg: Config, stage: str) -> dict:
+    """The Ray Datasets a stage streams: prepared train/val, or the teacher cache for cached distillation."""
+    if stage == "distill":
+        from distillery.train.distill import distill_datasets
+
+        return distill_datasets(cfg)
+    cols = ["row_id", "input_ids", "labels"]
+    return {"train": read_split(cfg.prepared_dir, "train", cols), "val": read_split(cfg.prepared_dir, "val", cols)}
+
+
+def build_trainer(cfg: Config, stage: str, callbacks: list | None = None):
+    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill")."""
+    import ray.data
+    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from distillery.train.loop import train_loop_per_worker
+
+    validate_training(cfg, stage)
+    # The loop prints its own progress per step; Ray Data's per-operator bars would drown it.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    manifest = load_manifest(cfg.prepared_dir)
+    train_rows = int(manifest.get("splits", {}).get("train", {}).get("rows", 0)) or _count_rows(cfg)
+    steps = total_steps(cfg, train_rows)
+    out = Path(cfg.output_dir).resolve()
+    cfg = cfg.model_copy(update={"output_dir": str(out)})
+    write_resolved(cfg, out)
+    # preserve_order: each worker sees the same rows in the same order on every attempt, so a
+    # resumed run can skip exactly the micro-batches it already trained on.
+    data_config = DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_yaml(), "stage": stage, "total_steps": steps},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={
+                "CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {}), **cfg.train.worker_resources
+            },
+        ),
+        run_config=RunConfig(
+            storage_path=str(out / "ray"),
+            name="train",
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=callbacks or [],
+        ),
+        datasets=training_datasets(cfg, stage),
+        dataset_config=data_config,
+    )
+
+
+def _count_rows(cfg: Config) -> int:
+    return read_split(cfg.prepared_dir, "train", ["row_id"]).count()
+
+
+def run_training(cfg: Config, stage: str) -> int:
+    """Run a training stage to completion (or resume it) and write `run.json`; returns an exit code."""
+    validate_training(cfg, stage)
+    # Logical CPUs: one per worker plus room for the Ray Data tasks that feed them (ARCHITECTURE.md).
+    started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
+    t0 = time.time()
+    try:
+        result = build_trainer(cfg, stage).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    out = Path(cfg.output_dir).resolve()
+    metrics = dict(result.metrics or {})
+    summary = {
+        "stage": stage,
+        "output_dir": str(out),
+        "model": str(out / "model"),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "seconds": round(time.time() - t0, 1),
+        "metrics": metrics,
+    }
+    tmp = out / "run.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / "run.json")
+    print(
+        f"{stage}: finished in {summary['seconds']:.0f}s; val_loss {metrics.get('val_loss', float('nan')):.4f}; "
+        f"model {summary['model']}; metrics {out / 'metrics.jsonl'}",
+        flush=True,
+    )
+    return 0

@@ -1,0 +1,250 @@
+"""`distillery tune`: search any config keys with Ray Tune, Optuna (TPE) and ASHA.
+
+    distillery tune jobs/distill.yaml tune.num_samples=12     # search space in tune.search_space
+    distillery tune jobs/distill.yaml --                      # or merge tuning/kd_search.yaml into the config
+
+Each trial is a full Ray Train run (finetune, or distill when the config names a teacher) built
+from the base config with the trial's values applied; it reports through `TuneReportCallback`,
+so ASHA sees every evaluation and stops weak trials early. Trials share the prepared data and
+the teacher cache: the teacher never runs per trial. Re-running the same command resumes the
+search. A trial that fails is recorded with its error and the search goes on.
+
+Writes `<output_dir>/tune/`: `leaderboard.csv`, `best.yaml` (reproduces the best trial),
+`best/` (the best trial's run directory), `trials/<id>/` (every trial's run directory),
+`metric_vs_<key>.png` for each searched key and `asha_curves.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distillery.config import Config, ConfigError, validate_tree
+from distillery.runtime import ensure_ray
+from distillery.search_space import to_tune_space, validate_search_space, with_values
+
+SEARCH_NAME = "search"
+
+
+def tune_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir).resolve() / "tune"
+
+
+def trial_stage(cfg: Config) -> str:
+    """Which training stage a trial runs."""
+    if cfg.tune.stage != "auto":
+        return cfg.tune.stage
+    return "distill" if cfg.model.teacher else "finetune"
+
+
+def reports_per_trial(cfg: Config) -> int:
+    """How many evaluations (ASHA's time unit) a trial that runs to the end reports."""
+    if not cfg.train.max_steps or not cfg.train.eval_every:
+        raise ConfigError("tune: set train.max_steps and train.eval_every; ASHA compares trials at each evaluation")
+    return math.ceil(cfg.train.max_steps / cfg.train.eval_every)
+
+
+def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
+    """One Tune trial: the base config with `params` applied, trained by Ray Train, reported to Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from distillery.train.trainer import build_trainer
+
+    base = validate_tree(yaml.safe_load(base_yaml), "tune base config")
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_values(base, {**params, "output_dir": os.path.join(trials_root, trial_id)})
+    trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def _concurrency(cfg: Config) -> int:
+    import ray
+
+    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    available = ray.cluster_resources().get("CPU", 1)
+    return max(1, min(cfg.tune.max_concurrent_trials, int(available // per_trial)))
+
+
+def build_tuner(cfg: Config):
+    """A Tuner for `cfg`, restored from `<output_dir>/tune/search` when a previous run left one."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    checked = validate_search_space(cfg, cfg.tune.search_space)
+    out = tune_dir(cfg)
+    trainable = tune.with_parameters(_trial, base_yaml=cfg.to_yaml(), trials_root=str(out / "trials"))
+    # The trial function only drives a TorchTrainer; the training workers hold the CPUs.
+    trainable = tune.with_resources(trainable, {"cpu": 0})
+    path = out / SEARCH_NAME
+    if tune.Tuner.can_restore(str(path)):
+        print(f"tune: resuming the search in {path}", flush=True)
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+
+    tc = cfg.tune
+    searcher = OptunaSearch(metric=tc.metric, mode=tc.mode, seed=cfg.seed) if tc.searcher == "optuna" else None
+    if tc.scheduler == "asha":
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", metric=tc.metric, mode=tc.mode, max_t=reports_per_trial(cfg),
+            grace_period=min(tc.grace_period, reports_per_trial(cfg)), reduction_factor=tc.reduction_factor,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        trainable,
+        param_space=to_tune_space(checked),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=scheduler,
+            num_samples=tc.num_samples,
+            max_concurrent_trials=_concurrency(cfg),
+            metric=None if searcher or tc.scheduler == "asha" else tc.metric,
+            mode=None if searcher or tc.scheduler == "asha" else tc.mode,
+        ),
+        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1),
+    )
+
+
+def leaderboard_rows(cfg: Config, results) -> list[dict[str, Any]]:
+    """One row per trial: params, best metric, evaluations and steps run, status, error."""
+    tc = cfg.tune
+    keys = list(tc.search_space)
+    full = reports_per_trial(cfg)
+    rows = []
+    for r in results:
+        hist = r.metrics_dataframe
+        metric_values = hist[tc.metric].dropna().tolist() if hist is not None and tc.metric in hist else []
+        best = (min if tc.mode == "min" else max)(metric_values) if metric_values else None
+        iters = int(hist["training_iteration"].max()) if hist is not None and "training_iteration" in hist else 0
+        steps = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
+        if r.error:
+            status = "failed"
+        elif iters < full:
+            status = "stopped early"
+        else:
+            status = "completed"
+        params = {k: (r.config or {}).get(k) for k in keys}
+        rows.append(
+            {
+                "trial_id": _trial_id(r),
+                **params,
+                tc.metric: best,
+                "evaluations": iters,
+                "steps": steps,
+                "status": status,
+                "error": (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error else "",
+                "run_dir": str(tune_dir(cfg) / "trials" / _trial_id(r)),
+            }
+        )
+    rows.sort(key=lambda x: (x[tc.metric] is None, (x[tc.metric] or 0) * (1 if tc.mode == "min" else -1)))
+    return rows
+
+
+def _trial_id(result) -> str:
+    # Tune adds trial_id to every reported result; a trial that failed before reporting has none.
+    return (result.metrics or {}).get("trial_id") or ""
+
+
+def write_plots(cfg: Config, results, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric, paths = cfg.tune.metric, []
+    done = [r for r in rows if r[metric] is not None]
+    for key in cfg.tune.search_space:
+        fig, ax = plt.subplots(figsize=(4.5, 3.2))
+        xs = [r[key] for r in done]
+        if any(isinstance(x, str) for x in xs):
+            xs = [str(x) for x in xs]
+        ax.scatter(xs, [r[metric] for r in done], c=["tab:red" if r["status"] == "stopped early" else "tab:blue" for r in done])
+        if cfg.tune.search_space[key].get("loguniform"):
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.set_title(f"{metric} against {key} (red: stopped early)", fontsize=9)
+        fig.tight_layout()
+        paths.append(out / f"metric_vs_{key.replace('.', '_')}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in results:
+        hist = r.metrics_dataframe
+        if hist is not None and metric in hist and "training_iteration" in hist:
+            h = hist.dropna(subset=[metric])
+            ax.plot(h["training_iteration"], h[metric], marker="o", ms=3, lw=1)
+    ax.set_xlabel("evaluation (ASHA rung time)")
+    ax.set_ylabel(metric)
+    ax.set_title("Learning curves of every trial")
+    fig.tight_layout()
+    paths.append(out / "asha_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_tune(cfg: Config) -> int:
+    """Run (or resume) the search and write the leaderboard, best config, best run and plots."""
+    checked = validate_search_space(cfg, cfg.tune.search_space)  # fail before Ray starts
+    reports_per_trial(cfg)
+    out = tune_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = trial_stage(cfg)
+    started = ensure_ray(num_cpus=max(4, cfg.train.num_workers * cfg.train.cpus_per_worker * cfg.tune.max_concurrent_trials + 2))
+    try:
+        print(
+            f"tune: {cfg.tune.num_samples} trials of `{stage}` over {', '.join(checked)}; "
+            f"{cfg.tune.searcher} search, {cfg.tune.scheduler} scheduling on {cfg.tune.metric} ({cfg.tune.mode})",
+            flush=True,
+        )
+        results = build_tuner(cfg).fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    rows = leaderboard_rows(cfg, results)
+    _write_csv(out / "leaderboard.csv", rows)
+    write_plots(cfg, results, rows, out)
+    ok = [r for r in rows if r[cfg.tune.metric] is not None and r["status"] != "failed"]
+    if not ok:
+        print(f"tune: no trial reported {cfg.tune.metric}; see {out / 'leaderboard.csv'}", flush=True)
+        return 1
+    best = ok[0]
+    best_dir = out / "best"
+    if best_dir.exists():
+        shutil.rmtree(best_dir)
+    if Path(best["run_dir"]).is_dir():
+        shutil.copytree(best["run_dir"], best_dir)
+    best_cfg = with_values(cfg, {**{k: best[k] for k in cfg.tune.search_space}, "output_dir": str(best_dir)})
+    (out / "best.yaml").write_text(best_cfg.to_yaml(), encoding="utf-8")
+    stopped = sum(r["status"] == "stopped early" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    print(
+        f"tune: best {cfg.tune.metric} {best[cfg.tune.metric]:.4f} with "
+        + json.dumps({k: best[k] for k in cfg.tune.search_space})
+        + f"; {len(rows)} trials, {stopped} stopped early by ASHA, {failed} failed; "
+        f"{sum(r['steps'] for r in rows)} trial-steps.\n"
+        f"tune: leaderboard {out / 'leaderboard.csv'}, best config {out / 'best.yaml'} "
+        f"(re-run: distillery {stage} {out / 'best.yaml'})",
+        flush=True,
+    )
+    return 0
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)

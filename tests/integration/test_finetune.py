@@ -1,0 +1,216 @@
+"""`distillery finetune` on a real local Ray cluster with 2 workers and tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+
+from distillery.config import load_config
+from distillery.train.finetune import run_finetune
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    # Logical CPUs: two 1-CPU train workers plus room for the Ray Data tasks feeding them.
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(out, prepared, model, *overrides):
+    return load_config(
+        overrides=[
+            f"output_dir={out}", f"data.prepared={prepared}", f"model.path={model}", "train.lr=3e-3",
+            "train.batch_size=4", "train.max_steps=6", "train.eval_every=3", "train.scheduler=constant", *overrides,
+        ]
+    )
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+
+
+def _step_losses(run: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in _metrics(run) if "loss" in m}
+
+
+@pytest.fixture(scope="module")
+def paired_data(tmp_path_factory, prepared_tiny):
+    """Two prepared dirs with the same rows: `single` in order, `pair` reordered for 2 workers.
+
+    An equal 2-way split gives worker 0 the first half and worker 1 the second. `pair` puts
+    chunks 0, 2, 4, ... of 4 rows in the first half and chunks 1, 3, 5, ... in the second, so at
+    step k the two workers see exactly the two micro-batches (2k, 2k+1) that one process with
+    grad_accum=2 sees in `single`: same data, so the losses must agree.
+    """
+    root = tmp_path_factory.mktemp("paired")
+    table = pq.read_table(prepared_tiny / "train" / "part-0.parquet")
+    n = (table.num_rows // 8) * 8
+    table = table.slice(0, n)
+    chunks = [table.slice(i, 4) for i in range(0, n, 4)]
+    paired = pa.concat_tables(chunks[0::2] + chunks[1::2])
+    for name, t in [("single", table), ("pair", paired)]:
+        (root / name / "train").mkdir(parents=True)
+        pq.write_table(t, root / name / "train" / "part-0.parquet")
+        shutil.copytree(prepared_tiny / "val", root / name / "val")
+        shutil.copy(prepared_tiny / "manifest.json", root / name / "manifest.json")
+    return root
+
+
+@pytest.mark.timeout(900)
+def test_fsdp_ddp_and_single_process_agree_and_loss_falls(tmp_path, paired_data, tiny_teacher):
+    runs = {
+        "none": _cfg(tmp_path / "none", paired_data / "single", tiny_teacher, "train.strategy=none", "train.num_workers=1", "train.grad_accum=2"),
+        "ddp": _cfg(tmp_path / "ddp", paired_data / "pair", tiny_teacher, "train.strategy=ddp", "train.num_workers=2"),
+        "fsdp": _cfg(tmp_path / "fsdp", paired_data / "pair", tiny_teacher, "train.strategy=fsdp", "train.num_workers=2"),
+    }
+    for cfg in runs.values():
+        assert run_finetune(cfg) == 0
+    losses = {name: _step_losses(tmp_path / name) for name in runs}
+    assert sorted(losses["none"]) == list(range(1, 7))
+    for name in ("ddp", "fsdp"):
+        for step, value in losses["none"].items():
+            assert losses[name][step] == pytest.approx(value, rel=2e-4, abs=2e-4), (name, step)
+    assert losses["fsdp"][6] < losses["fsdp"][1]
+    val = [m["val_loss"] for m in _metrics(tmp_path / "fsdp") if "val_loss" in m]
+    assert len(val) == 2 and val[-1] < val[0]
+    # The exported model is a plain Hugging Face checkpoint with the trained weights.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
+    initial = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    assert not torch.equal(exported.lm_head.weight, initial.lm_head.weight)
+    run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
+    assert run["metrics"]["trainable_fraction"] == 1.0
+    assert (tmp_path / "fsdp" / "config.yaml").exists()
+
+
+@pytest.mark.timeout(600)
+def test_lora_adapter_loads_with_peft_and_merges(tmp_path, prepared_tiny, tiny_teacher):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path / "lora", prepared_tiny, tiny_teacher, "method.kind=lora", "method.lora.r=4",
+               "method.lora.merge=true", "train.num_workers=2", "train.strategy=fsdp", "train.lr=1e-2")
+    assert run_finetune(cfg) == 0
+    steps = _step_losses(tmp_path / "lora")
+    assert steps[6] < steps[1]
+    adapter_dir = tmp_path / "lora" / "model"
+    adapter = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(Path(tiny_teacher).resolve()) and adapter["r"] == 4
+    base = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_teacher), adapter_dir)
+        tuned_logits = tuned(ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged")(ids).logits
+    assert not torch.allclose(base_logits, tuned_logits, atol=1e-4)
+    assert torch.allclose(tuned_logits, merged_logits, atol=1e-4)
+    run = json.loads((tmp_path / "lora" / "run.json").read_text())
+    assert 0 < run["metrics"]["trainable_fraction"] < 0.2
+
+
+@pytest.mark.timeout(600)
+def test_freeze_changes_exactly_the_reported_parameters_with_ewc(tmp_path, prepared_tiny, tiny_teacher):
+    cfg = _cfg(tmp_path / "freeze", prepared_tiny, tiny_teacher, "method.kind=freeze", "method.freeze.trainable_layers=1",
+               "train.num_workers=2", "train.strategy=fsdp", "train.ewc.lambda=10", f"train.ewc.previous={prepared_tiny}",
+               "train.ewc.samples=8")
+    assert run_finetune(cfg) == 0
+    before = load_file(str(Path(tiny_teacher) / "model.safetensors"))
+    after = load_file(str(tmp_path / "freeze" / "model" / "model.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    trainable = {k for k in before if k.startswith(("model.layers.1.", "model.norm.", "lm_head."))}
+    assert changed and changed <= trainable
+    assert not any(k.startswith(("model.layers.0.", "model.embed_tokens")) for k in changed)
+    run = json.loads((tmp_path / "freeze" / "run.json").read_text())
+    expected = sum(before[k].numel() for k in trainable)
+    assert run["metrics"]["trainable_parameters"] == expected
+    # EWC: the Fisher information is stored with the run and the penalty enters the loss.
+    fisher = load_file(str(tmp_path / "freeze" / "ewc.safetensors"))
+    assert {k.split(".", 1)[1] for k in fisher if k.startswith("fisher.")} == trainable
+    penalties = [m["ewc_penalty"] for m in _metrics(tmp_path / "freeze") if "ewc_penalty" in m]
+    assert penalties[0] == 0.0 and penalties[-1] > 0.0
+
+
+def _wait_for_step(trace: Path, step: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        f = trace / "rows_rank0.jsonl"
+        if f.exists() and any(json.loads(l)["step"] >= step for l in f.read_text().splitlines() if l.strip()):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"training did not reach step {step} in {timeout}s")
+
+
+def _check_trace(run: Path, total_steps: int) -> None:
+    """Every step ran; a step that ran twice (before and after a failure) saw the same rows."""
+    for rank in (0, 1):
+        seen: dict[int, list[str]] = {}
+        for line in (run / "trace" / f"rows_rank{rank}.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if rec["step"] in seen:
+                assert seen[rec["step"]] == rec["row_ids"], f"rank {rank} step {rec['step']} saw other rows on retry"
+            seen[rec["step"]] = rec["row_ids"]
+        assert sorted(seen) == list(range(1, total_steps + 1))
+        rows = [r for s in sorted(seen) for r in seen[s]]
+        assert len(rows) == len(set(rows)), "a row was trained on twice within the epoch"
+    steps = [m["step"] for m in (json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert steps == list(range(1, total_steps + 1))
+
+
+@pytest.mark.timeout(900)
+def test_killed_worker_is_replaced_and_resumes_from_checkpoint(tmp_path, prepared_tiny, tiny_teacher):
+    run = tmp_path / "killed"
+    cfg = _cfg(run, prepared_tiny, tiny_teacher, "train.num_workers=2", "train.strategy=fsdp", "train.max_steps=14",
+               "train.checkpoint_every=4", "train.eval_every=4", "train.max_failures=1", "train.trace_rows=true")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", run_finetune(cfg)))
+    thread.start()
+    _wait_for_step(run / "trace", 6, timeout=400)
+    pid = int((run / "trace" / "pid_rank1").read_text())
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert result.get("rc") == 0
+    assert int((run / "trace" / "pid_rank1").read_text()) != pid  # a new worker took over
+    _check_trace(run, 14)
+
+
+@pytest.mark.timeout(900)
+def test_stopped_driver_resumes_on_rerun(tmp_path, prepared_tiny, tiny_teacher):
+    run = tmp_path / "driver"
+    overrides = [f"output_dir={run}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}", "train.lr=3e-3",
+                 "train.batch_size=4", "train.num_workers=2", "train.max_steps=12", "train.checkpoint_every=4",
+                 "train.eval_every=4", "train.trace_rows=true"]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text("{}\n")
+    cmd = [sys.executable, "-m", "distillery", "finetune", str(cfg_path), *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for_step(run / "trace", 6, timeout=400)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        first.wait(timeout=60)
+    assert not (run / "model").exists()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from checkpoint at step 4" in second.stdout + second.stderr
+    _check_trace(run, 12)
+    assert (run / "model" / "model.safetensors").exists()

@@ -1,0 +1,129 @@
+"""How `distillery serve` turns a config into engines, LLM configs and keys (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from distillery.config import Config, ConfigError
+from distillery.serving import ADAPTERS_KEY, MAX_LEN_KEY, llm_config, plan_engines, read_api_key
+from distillery.serving_ingress import ApiKeyGuard, key_digest
+
+
+def fake_model(path: Path, max_pos: int = 1024) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": max_pos}))
+    return path
+
+
+def fake_lora_run(run: Path, base: Path, r: int = 8) -> Path:
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base), "r": r}))
+    (run / "config.yaml").write_text("method: {kind: lora}\n")
+    return run
+
+
+def cfg_for(models: list[dict], **serve) -> Config:
+    return Config.model_validate({"serve": {"models": models, **serve}})
+
+
+def test_adapters_join_their_base_and_full_models_get_their_own_engine(tmp_path):
+    base = fake_model(tmp_path / "teacher")
+    student_run = tmp_path / "distill-run"
+    fake_model(student_run / "model")
+    a = fake_lora_run(tmp_path / "run-a", base, r=8)
+    b = fake_lora_run(tmp_path / "run-b", base, r=24)
+    engines = plan_engines(cfg_for([{"path": str(a)}, {"path": str(student_run), "name": "student"},
+                                    {"path": str(b), "name": "legal"}]))
+    by_id = {e.model_id: e for e in engines}
+    assert set(by_id) == {"teacher", "student"}
+    assert by_id["teacher"].adapters == {"run-a": str((a / "model").resolve()), "legal": str((b / "model").resolve())}
+    assert by_id["teacher"].max_lora_rank == 24
+    assert by_id["student"].path == str((student_run / "model").resolve()) and not by_id["student"].adapters
+
+
+def test_base_named_in_config_keeps_its_name(tmp_path):
+    base = fake_model(tmp_path / "teacher")
+    run = fake_lora_run(tmp_path / "run", base)
+    engines = plan_engines(cfg_for([{"path": str(base), "name": "big"}, {"path": str(run), "name": "tuned"}]))
+    assert [(e.model_id, list(e.adapters)) for e in engines] == [("big", ["tuned"])]
+
+
+def test_bad_models_fail_naming_the_key(tmp_path):
+    base = fake_model(tmp_path / "m")
+    with pytest.raises(ConfigError, match=r"serve.models.1.*used twice"):
+        plan_engines(cfg_for([{"path": str(base), "name": "x"}, {"path": str(fake_model(tmp_path / "n")), "name": "x"}]))
+    with pytest.raises(ConfigError, match=r"serve.models.0.*':'"):
+        plan_engines(cfg_for([{"path": str(base), "name": "a:b"}]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"serve.models.0.path"):
+        plan_engines(cfg_for([{"path": str(tmp_path / "empty")}]))
+    orphan = fake_lora_run(tmp_path / "orphan", tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"serve.models.0.path: the adapter's base"):
+        plan_engines(cfg_for([{"path": str(orphan)}]))
+
+
+def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path):
+    base = fake_model(tmp_path / "teacher", max_pos=512)
+    run = fake_lora_run(tmp_path / "run", base, r=24)
+    cfg = cfg_for([{"path": str(run), "name": "tuned"}], max_num_seqs=8, max_num_batched_tokens=512,
+                  max_ongoing_requests=5, max_queued_requests=7, overload_status=429, retry_after_s=3,
+                  autoscaling={"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4})
+    (engine,) = plan_engines(cfg)
+    lc = llm_config(cfg, engine, use_gpu=False)
+    assert lc.engine_kwargs["max_num_seqs"] == 8 and lc.engine_kwargs["max_num_batched_tokens"] == 512
+    assert lc.engine_kwargs["enable_lora"] is True and lc.engine_kwargs["max_lora_rank"] == 32
+    assert lc.engine_kwargs["dtype"] == "float32"
+    assert lc.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    d = lc.deployment_config
+    assert (d["max_ongoing_requests"], d["max_queued_requests"]) == (5, 7)
+    assert d["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}
+    assert d["autoscaling_config"]["max_replicas"] == 3 and d["autoscaling_config"]["target_ongoing_requests"] == 4
+    assert lc.experimental_configs[ADAPTERS_KEY] == {"tuned": str((run / "model").resolve())}
+    assert lc.experimental_configs[MAX_LEN_KEY] == 512  # from the model when serve.max_model_len is unset
+
+
+def test_api_key_from_env_or_file_never_from_config(tmp_path, monkeypatch):
+    m = fake_model(tmp_path / "m")
+    assert read_api_key(cfg_for([{"path": str(m)}])) is None
+    monkeypatch.setenv("DISTILLERY_TEST_KEY", "  abc  ")
+    assert read_api_key(cfg_for([{"path": str(m)}], api_key_env="DISTILLERY_TEST_KEY")) == "abc"
+    with pytest.raises(ConfigError, match="serve.api_key_env: environment variable UNSET_KEY_X"):
+        read_api_key(cfg_for([{"path": str(m)}], api_key_env="UNSET_KEY_X"))
+    (tmp_path / "key").write_text("from-file\nignored\n")
+    assert read_api_key(cfg_for([{"path": str(m)}], api_key_file=str(tmp_path / "key"))) == "from-file"
+    with pytest.raises(ConfigError, match="serve.api_key_file"):
+        read_api_key(cfg_for([{"path": str(m)}], api_key_file=str(tmp_path / "missing")))
+    with pytest.raises(ConfigError, match="unknown key 'serve.api_key'"):
+        from distillery.config import load_config
+
+        cfg_file = tmp_path / "c.yaml"
+        cfg_file.write_text("serve: {api_key: secret}\n")
+        load_config(cfg_file)
+
+
+def test_api_key_guard_compares_digests():
+    import asyncio
+
+    calls: list[int] = []
+
+    async def app(scope, receive, send):
+        calls.append(1)
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def run(headers):
+        guard = ApiKeyGuard(app, key_digest("k1"))
+        await guard({"type": "http", "headers": headers}, None, send)
+
+    asyncio.run(run([(b"authorization", b"Bearer k1")]))
+    assert calls == [1] and not sent
+    asyncio.run(run([(b"authorization", b"Bearer k2")]))
+    asyncio.run(run([]))
+    assert calls == [1]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401, 401]

@@ -1,0 +1,122 @@
+"""Training building blocks without Ray: parameter plans, collation, key-term weighting, schedules, EWC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distillery.config import ConfigError, MethodConfig, load_config
+from distillery.models.plan import apply_method
+from distillery.train.collate import collate
+from distillery.train.ewc import EwcPenalty, estimate_fisher
+from distillery.train.loop import lr_lambda
+from distillery.train.objective import CrossEntropyObjective, key_term_mask, key_term_sequences
+
+
+def test_full_and_lora_plans(tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    _, plan = apply_method(model, MethodConfig(kind="full"))
+    assert plan.trainable == plan.total and plan.fraction == 1.0
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    peft_model, plan = apply_method(model, MethodConfig.model_validate({"kind": "lora", "lora": {"r": 4}}))
+    assert 0 < plan.fraction < 0.2
+    assert plan.trainable_names and all("lora_" in n for n in plan.trainable_names)
+    assert {n.split(".")[-3] for n in plan.trainable_names} == {"lora_A", "lora_B"}
+    assert any("q_proj" in n for n in plan.trainable_names) and any("v_proj" in n for n in plan.trainable_names)
+
+
+@pytest.mark.parametrize("n, layers", [(1, [1]), (-1, [0]), (2, [0, 1])])
+def test_freeze_trains_exactly_what_it_reports(tiny_teacher, n, layers):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)  # 2 decoder layers, untied lm_head
+    model, plan = apply_method(model, MethodConfig.model_validate({"kind": "freeze", "freeze": {"trainable_layers": n}}))
+    expected = {
+        name for name, _ in model.named_parameters()
+        if any(name.startswith(f"model.layers.{i}.") for i in layers) or name.startswith(("model.norm.", "lm_head."))
+    }
+    assert set(plan.trainable_names) == expected
+    assert not any(name.startswith("model.embed_tokens") for name in plan.trainable_names)
+    assert plan.trainable == sum(p.numel() for name, p in model.named_parameters() if name in expected)
+
+
+def test_plan_errors(tiny_teacher):
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    with pytest.raises(ConfigError, match="trainable_layers: 5"):
+        apply_method(model, MethodConfig.model_validate({"kind": "freeze", "freeze": {"trainable_layers": 5}}))
+    with pytest.raises(ConfigError, match="target_modules"):
+        apply_method(model, MethodConfig.model_validate({"kind": "lora", "lora": {"target_modules": ["qkv"]}}))
+    with pytest.raises(ConfigError, match="esft"):
+        apply_method(model, MethodConfig(kind="esft"))
+
+
+def test_collate_pads_and_masks():
+    batch = {"input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
+             "labels": np.array([np.array([-100, 6, 7]), np.array([8])], dtype=object),
+             "row_id": np.array(["a", "b"])}
+    out = collate(batch, pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert list(out["row_id"]) == ["a", "b"]
+    assert collate(batch, pad_id=0, max_length=2)["input_ids"].shape == (2, 2)
+
+
+def test_key_term_mask_marks_each_occurrence():
+    ids = torch.tensor([[1, 2, 3, 4, 2, 3], [9, 9, 9, 9, 9, 2]])
+    mask = key_term_mask(ids, [[2, 3]])
+    assert mask.tolist() == [[False, True, True, False, True, True], [False] * 6]
+
+
+def test_key_terms_weight_the_loss(tiny_teacher):
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+    text = tok("profit rises, profit falls", return_tensors="pt")["input_ids"]
+    batch = {"input_ids": text, "labels": text.clone(), "attention_mask": torch.ones_like(text)}
+    plain = CrossEntropyObjective(load_config(), tok)
+    weighted = CrossEntropyObjective(load_config(overrides=["train.key_terms=[profit]", "train.key_term_weight=3"]), tok)
+    assert key_term_sequences(tok, ["profit"])
+    w = weighted.token_weights(batch)
+    assert (w == 3).any() and (w == 1).any()
+    # Reference: weighted mean of per-token NLL.
+    with torch.no_grad():
+        logits = model(input_ids=text).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), text[:, 1:], reduction="none")
+        expected = (nll * w).sum() / w.sum()
+        got, _ = weighted(model, batch)
+        base, _ = plain(model, batch)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() != pytest.approx(base.item(), rel=1e-4)
+
+
+def test_lr_schedules():
+    cfg = load_config(overrides=["train.lr=1", "train.warmup_steps=2", "train.scheduler=cosine"])
+    f = lr_lambda(cfg, total_steps=10)
+    assert [round(f(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    lin = lr_lambda(load_config(overrides=["train.scheduler=linear"]), total_steps=4)
+    assert [lin(s) for s in range(5)] == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert lr_lambda(load_config(overrides=["train.scheduler=constant"]), 4)(3) == 1.0
+
+
+def test_ewc_penalty_is_zero_at_anchor_and_grows_away(tiny_student, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(tiny_student)
+    rows = [{"input_ids": [1, 5, 6, 7, 2], "labels": [-100, -100, 6, 7, 2]}] * 3
+    fisher, anchor = estimate_fisher(model, rows, pad_id=0)
+    assert all((f >= 0).all() for f in fisher.values()) and any(f.sum() > 0 for f in fisher.values())
+    ewc = EwcPenalty(2.0, fisher, anchor)
+    assert ewc.penalty(model).item() == 0.0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    expected = 0.5 * 2.0 * sum((fisher[n] * 0.1**2).sum() for n in fisher)
+    assert ewc.penalty(model).item() == pytest.approx(expected.item(), rel=1e-4)
+    # Its gradient is λ·F·(θ − θ*), added after backward.
+    for p in model.parameters():
+        p.grad = None
+    ewc.add_grad(model)
+    for n, p in model.named_parameters():
+        if n in fisher:
+            assert torch.allclose(p.grad, 2.0 * fisher[n] * 0.1, atol=1e-6)
+    ewc.save(str(tmp_path / "ewc.safetensors"))
+    again = EwcPenalty.load(2.0, str(tmp_path / "ewc.safetensors"))
+    assert again.penalty(model).item() == pytest.approx(expected.item(), rel=1e-4)
