@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 EXTRAS ?= cpu,dev
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install test test-unit test-integration test-e2e demo bench clean
 

@@ -82,8 +82,9 @@ def build_tuner(cfg: Config):
     checked = validate_search_space(cfg, cfg.tune.search_space)
     out = tune_dir(cfg)
     trainable = tune.with_parameters(_trial, base_yaml=cfg.to_yaml(), trials_root=str(out / "trials"))
-    # The trial function only drives a TorchTrainer; the training workers hold the CPUs.
-    trainable = tune.with_resources(trainable, {"cpu": 0})
+    # The trial function only drives a TorchTrainer; the training workers hold the CPUs. Tune refuses
+    # an empty request, so the driver asks for a sliver of one CPU rather than a whole one.
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})
     path = out / SEARCH_NAME
     if tune.Tuner.can_restore(str(path)):
         print(f"tune: resuming the search in {path}", flush=True)

@@ -84,8 +84,10 @@ def test_cached_with_full_vocabulary_equals_online(prepared_tiny, trained_teache
 def test_distilled_student_is_closer_to_the_teacher_than_sft(tmp_path, prepared_tiny, trained_teacher, tiny_student):
     common = [f"model.path={tiny_student}", f"model.teacher={trained_teacher}", "train.max_steps=40", "train.eval_every=20"]
     assert run_finetune(load_config(overrides=_overrides(tmp_path / "sft", prepared_tiny, *common))) == 0
+    # T = 1: the comparison is at T = 1 and 40 steps are few; a softened target (T = 2) matches the
+    # teacher's T = 1 distribution more slowly on this tiny student (measured: KL 0.59 vs SFT 0.35).
     assert run_distill(load_config(overrides=_overrides(tmp_path / "kd", prepared_tiny, *common, "distill.alpha=0.9",
-                                                        "distill.temperature=2.0", "distill.teacher_mode=online"))) == 0
+                                                        "distill.temperature=1.0", "distill.teacher_mode=online"))) == 0
     metrics = [json.loads(l) for l in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert any("kd_loss" in m and "ce_loss" in m for m in metrics)
     assert any("val_teacher_top1_agreement" in m and "val_teacher_kl" in m for m in metrics)
