@@ -65,6 +65,48 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     trainer.fit()
 
 
+def remove_orphaned_placement_groups() -> int:
+    """Remove placement groups whose creating actor has died; returns how many were removed.
+
+    When ASHA stops a trial, Tune ends the trial's actor and with it the Ray Train controller that
+    owns the workers' placement group. GCS frees a group only once its creator's job has ended too,
+    and Train's own cleaner asks the dashboard's state API, which a local Ray without a dashboard
+    (or a machine with several Ray instances) cannot answer: every stopped trial would keep its
+    CPUs and the search would stall waiting for them. Reads GCS directly (Ray 2.60 internals).
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        created_by_actor = pg.creator_actor_id and not ray.ActorID(pg.creator_actor_id).is_nil()
+        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and created_by_actor and pg.creator_actor_dead and not pg.is_detached:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+            removed += 1
+    return removed
+
+
+def _placement_group_janitor():
+    """A Tune callback that runs `remove_orphaned_placement_groups` every couple of seconds."""
+    import time
+
+    from ray.tune import Callback
+
+    class PlacementGroupJanitor(Callback):
+        def __init__(self, every_s: float = 2.0):
+            self.every_s, self.last = every_s, 0.0
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self.last >= self.every_s:
+                self.last = time.monotonic()
+                remove_orphaned_placement_groups()
+
+    return PlacementGroupJanitor()
+
+
 def _concurrency(cfg: Config) -> int:
     import ray
 
@@ -110,7 +152,7 @@ def build_tuner(cfg: Config):
             metric=None if searcher or tc.scheduler == "asha" else tc.metric,
             mode=None if searcher or tc.scheduler == "asha" else tc.mode,
         ),
-        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1),
+        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor()]),
     )
 
 

@@ -26,7 +26,7 @@ def _base(tmp_path, prepared, model, *extra):
     return load_config(overrides=[
         f"output_dir={tmp_path}", f"data.prepared={prepared}", f"model.path={model}", "method.kind=freeze",
         "train.num_workers=1", "train.strategy=none", "train.batch_size=8", "train.max_steps=12", "train.eval_every=3",
-        "train.checkpoint_every=12", "train.scheduler=constant", "tune.num_samples=6", "tune.grace_period=1",
+        "train.checkpoint_every=12", "train.scheduler=constant", "tune.num_samples=4", "tune.grace_period=1",
         "tune.reduction_factor=2", "tune.max_concurrent_trials=1", *extra,
     ])
 
@@ -39,7 +39,7 @@ def test_search_stops_weak_trials_records_failures_and_best_reproduces(tmp_path,
     assert run_tune(cfg) == 0
     out = tmp_path / "tune"
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert len(rows) == 6
+    assert len(rows) == 4
     statuses = [r["status"] for r in rows]
     assert "failed" in statuses and "trainable_layers" in " ".join(r["error"] for r in rows if r["status"] == "failed")
     assert "stopped early" in statuses
@@ -66,3 +66,30 @@ def test_unknown_key_fails_before_any_trial(tmp_path, prepared_tiny, tiny_teache
     with pytest.raises(ConfigError, match="distill.temprature"):
         run_tune(cfg)
     assert not (tmp_path / "tune" / "search").exists()
+
+
+def test_placement_group_of_a_killed_owner_is_removed():
+    """What happens to a Ray Train controller that Tune stops: its workers' group must be freed."""
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from distillery.tune import remove_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Owner:
+        def reserve(self) -> str:
+            self.pg = placement_group([{"CPU": 1}])
+            ray.get(self.pg.ready())
+            return self.pg.id.hex()
+
+    owner = Owner.remote()
+    pg_id = ray.get(owner.reserve.remote())
+    assert remove_orphaned_placement_groups() == 0  # its owner is alive: left alone
+    ray.kill(owner)
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and placement_group_table().get(pg_id, {}).get("state") != "REMOVED":
+        remove_orphaned_placement_groups()
+        time.sleep(0.5)
+    assert placement_group_table()[pg_id]["state"] == "REMOVED"
+    assert ray.available_resources().get("CPU", 0) >= 3.99
