@@ -44,6 +44,17 @@ def rows(prepared: Path) -> list[dict]:
     return pq.read_table(prepared / "train", columns=["input_ids", "labels"]).to_pylist()
 
 
+def write_result(name: str, payload: dict) -> Path:
+    """Write benchmarks/results/<name>.json atomically (write, then rename) and say where."""
+    target = REPO / "benchmarks" / "results" / f"{name}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, target)
+    print(f"wrote {target}")
+    return target
+
+
 def steady(times: list[float], tokens: list[int], warmup: int) -> float:
     """Tokens per second between the end of step `warmup` and the end of the last step."""
     return sum(tokens[warmup + 1 :]) / (times[-1] - times[warmup])
@@ -159,14 +170,8 @@ def main() -> int:
         print(f"{name:<40} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>8.2f}x {r['tokens_per_s'] / trl:>7.2f}x")
     print(f"\ndistillery / plain = {ours / base:.2f}x (target >= 0.87x); distillery / TRL = {ours / trl:.2f}x (target >= 1.2x)")
     print(f"distillery wall time including Ray start-up, data and export: {results['distillery finetune (1 worker, none)']['wall_s']:.1f} s")
-    target = REPO / "benchmarks" / "results" / "train_throughput.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "results": results,
-               "ratio_vs_plain": ours / base, "ratio_vs_trl": ours / trl}
-    tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, target)
-    print(f"wrote {target}")
+    write_result("train_throughput", {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
+                                      "results": results, "ratio_vs_plain": ours / base, "ratio_vs_trl": ours / trl})
     return 0
 
 

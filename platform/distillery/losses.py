@@ -290,7 +290,9 @@ class _ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _g_kd, _g_ce):  # type: ignore[override]
-        out = tuple(None if g is None else g * g_loss.to(g.dtype) for g in ctx.grads)
+        # Scaled in place: the stored gradients belong to this call alone, and a copy of the (B, T, V)
+        # student gradient would be the largest tensor of the whole loss.
+        out = tuple(None if g is None else g.mul_(g_loss.to(g.dtype)) for g in ctx.grads)
         ctx.grads = None
         return (*out, None)
 
