@@ -3,7 +3,7 @@
 Every change is drawn from a random generator seeded by (seed, row_id, copy), so a row's copies
 are the same on every run and on any worker, whatever the order rows arrive in. Each augmented
 row records exactly what was changed in its `augment` column (JSON), e.g.
-`{"copy": 1, "synonyms": [["心电图", "ECG"]], "reorder": [[1, 0]]}`.
+`{"copy": 1, "of": "<original row_id>", "synonyms": [["心电图", "ECG"]], "reorder": [[1, 0]]}`.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def augment_messages(messages: list[dict], row_id: str, copy: int, seed: int, sy
     Synonyms are replaced consistently in every turn (an entity renamed in the question is renamed
     in the answer too); clauses are reordered in user turns only, so answers stay as written.
     """
-    prov: dict = {"copy": copy}
+    prov: dict = {"copy": copy, "of": row_id}
     new = [dict(m) for m in messages]
     if synonyms is not None:
         chosen = synonyms.choose([m["content"] for m in new], row_rng(seed, row_id, copy, "synonyms"), synonym_p)
@@ -135,7 +135,7 @@ def augment_messages(messages: list[dict], row_id: str, copy: int, seed: int, sy
                     orders += o
             if orders:
                 prov["reorder"] = orders
-    if len(prov) == 1:
+    if len(prov) == 2:
         return None
     return new, prov
 

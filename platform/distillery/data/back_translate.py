@@ -67,5 +67,6 @@ class BackTranslator:
             convs[i][j]["content"] = t or orig  # an empty translation keeps the original text
         batch = dict(batch)
         batch["messages"] = [json.dumps(c, ensure_ascii=False) for c in convs]
-        batch["augment"] = [json.dumps({"copy": 0, "back_translate": self.model_path}, sort_keys=True)] * len(convs)
+        batch["augment"] = [json.dumps({"copy": 0, "of": rid, "back_translate": self.model_path}, sort_keys=True)
+                            for rid in batch["row_id"]]
         return batch

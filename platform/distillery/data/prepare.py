@@ -227,7 +227,8 @@ def _encode_rows(rows: list[dict], ctx: dict) -> list[dict]:
         msgs = json.loads(r["messages"])
         text = msgs[0]["content"] if msgs[0]["role"] == "text" else None
         r["prompt"], r["response"] = render(None if text is not None else msgs, text, tok, ctx["chat_template"])
-        r["row_id"] = _row_id(r["prompt"], r["response"])
+        # Provenance names the original row: two originals whose copies happen to read the same keep distinct ids.
+        r["row_id"] = _row_id(r["prompt"], r["response"] + "\0" + r["augment"])
     for r, (ids, labels) in zip(rows, encode_batch(tok, [r["prompt"] for r in rows], [r["response"] for r in rows])):
         r["input_ids"], r["labels"], r["num_tokens"] = ids, labels, len(ids)
     return rows

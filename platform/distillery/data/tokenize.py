@@ -23,6 +23,8 @@ def load_tokenizer_cached(path: str):
 
 def encode_batch(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row; prompt tokens are masked, the response gets eos appended once."""
+    if not responses:
+        return []
     eos = tokenizer.eos_token_id
     p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if any(prompts) else [[] for _ in prompts]
     r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
