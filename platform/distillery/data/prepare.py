@@ -23,6 +23,8 @@ For a multi-node cluster `data.prepared` must be on shared storage, as tasks wri
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -76,6 +78,20 @@ def _schema(with_keys: bool):
     return pa.schema(fields)
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Pause the cyclic garbage collector: batch UDFs allocate many short-lived acyclic objects
+    (row dicts, token lists) that reference counting frees anyway, and the collector's repeated
+    scans of them cost 3-4x the work itself."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _passthrough(value: Any) -> str | None:
     """label / metadata as stored: strings as they are, anything else as JSON (None stays null)."""
     if value is None or isinstance(value, str):
@@ -95,6 +111,11 @@ def _write_text(path: str, text: str) -> None:
 
 def ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
     """Ray Data UDF over one chunk descriptor: yields staged rows; writes quarantine and stats beside."""
+    with _no_gc():
+        yield from _ingest_chunk(batch, ctx)
+
+
+def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
     import pyarrow as pa
 
     (chunk,) = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
@@ -179,23 +200,61 @@ def ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
 
 
 def explode_keys(batch: dict, buckets: int) -> dict:
-    """(bucket, key, uid, sig) per key of each row: the narrow table grouped in pass 2."""
+    """(bucket, key, uid) per key of each row: the narrow table grouped in pass 2 (24 bytes per key)."""
     n_keys = np.array([len(k) for k in batch["keys"]])
     keys = np.concatenate([np.asarray(k, dtype=np.int64) for k in batch["keys"]]) if len(n_keys) else np.zeros(0, np.int64)
-    sig_rows = np.repeat(np.arange(len(n_keys)), n_keys)
-    sigs = np.asarray(batch["sig"], dtype=object)[sig_rows] if len(sig_rows) else np.zeros(0, object)
-    # Exact keys need no signature: keep the table narrow where they dominate.
-    exact = (keys >> 48) == dd.EXACT_BAND
-    sigs = np.array([b"" if e or s is None else s for e, s in zip(exact, sigs)], dtype=object)
-    return {"bucket": (keys % buckets).astype(np.int64), "key": keys, "uid": np.repeat(batch["uid"], n_keys), "sig": sigs}
+    return {"bucket": (keys % buckets).astype(np.int64), "key": keys, "uid": np.repeat(batch["uid"], n_keys)}
 
 
-def duplicates_in_group(group: dict, threshold: float, num_perm: int) -> dict:
+def colliding_keys(group: dict) -> dict:
+    """The (key, uid) rows whose key is shared by several rows: exact copies and near-copy candidates."""
+    keys, uids = np.asarray(group["key"], np.int64), np.asarray(group["uid"], np.int64)
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    shared = counts[inverse] > 1
+    return {"key": keys[shared], "uid": uids[shared]}
+
+
+def signatures_of(batch: dict, uids: np.ndarray) -> dict:
+    keep = np.isin(np.asarray(batch["uid"], np.int64), uids)
+    return {"uid": np.asarray(batch["uid"], np.int64)[keep], "sig": np.asarray(batch["sig"], dtype=object)[keep]}
+
+
+def find_all_duplicates(stage: str, total_keys: int, dedupe) -> dict[int, str]:
+    """{uid: 'exact' | 'near'} over the whole staged table.
+
+    Ray Data groups the narrow (key, uid) table by key; only rows that share a key with another
+    row (copies and LSH candidates) come back to the driver, with their signatures for verification.
+    Driver memory is O(candidate rows), not O(corpus rows).
+    """
+    import ray.data
+
+    buckets = max(2, min(4096, total_keys // 500_000 + 1))  # reduce tasks of ~500k keys (12 MB) each
+    shared = (ray.data.read_parquet(stage, columns=["uid", "keys"])
+              .map_batches(explode_keys, fn_kwargs={"buckets": buckets}, batch_format="numpy")
+              .groupby("bucket", num_partitions=buckets)
+              .map_groups(colliding_keys, batch_format="numpy"))
+    keys, uids = [], []
+    for b in shared.iter_batches(batch_format="numpy", batch_size=None):
+        keys.append(b["key"])
+        uids.append(b["uid"])
+    if not keys:
+        return {}
+    keys_a, uids_a = np.concatenate(keys).astype(np.int64), np.concatenate(uids).astype(np.int64)
+    if not len(keys_a):
+        return {}
     sigs = None
-    if any(s is not None and len(s) for s in group["sig"]):
-        sigs = np.stack([np.frombuffer(s, dtype=np.uint32) if s is not None and len(s) else np.zeros(num_perm, np.uint32) for s in group["sig"]])
-    found = dd.find_duplicates(np.asarray(group["key"], np.int64), np.asarray(group["uid"], np.int64), sigs, threshold)
-    return {"uid": np.array(list(found), dtype=np.int64), "kind": np.array(list(found.values()), dtype=object)}
+    near = (keys_a >> 48) != dd.EXACT_BAND
+    if near.any():
+        wanted = np.unique(uids_a[near])
+        by_uid: dict[int, np.ndarray] = {}
+        for b in (ray.data.read_parquet(stage, columns=["uid", "sig"])
+                  .map_batches(signatures_of, fn_kwargs={"uids": wanted}, batch_format="numpy")
+                  .iter_batches(batch_format="numpy", batch_size=None)):
+            for u, sg in zip(b["uid"], b["sig"]):
+                by_uid[int(u)] = np.frombuffer(sg, dtype=np.uint32)
+        zero = np.zeros(dedupe.num_perm, np.uint32)
+        sigs = np.stack([by_uid.get(int(u), zero) for u in uids_a])
+    return dd.find_duplicates(keys_a, uids_a, sigs, dedupe.threshold)
 
 
 # --------------------------------------------------------------------------- pass 3: finalise
@@ -239,6 +298,7 @@ def select_rows(batch, ctx: dict):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    batch = batch.drop_columns([c for c in ("keys", "sig") if c in batch.column_names])  # dedupe-only columns
     if len(ctx["dups"]):
         batch = batch.filter(pc.invert(pc.is_in(batch["uid"], value_set=pa.array(ctx["dups"], pa.int64()))))
     rows = batch.to_pylist()
@@ -255,6 +315,11 @@ def select_rows(batch, ctx: dict):
 
 def finalize_batch(batch, ctx: dict):
     """Originals plus their synonym/reorder copies (train only), cut to length: the rows that are written."""
+    with _no_gc():
+        return _finalize_batch(batch, ctx)
+
+
+def _finalize_batch(batch, ctx: dict):
     import pyarrow as pa
 
     rows = select_rows(batch, ctx)
@@ -396,8 +461,13 @@ def prepare(cfg: Config, log=None) -> dict:
 
     # Files and their chunks (the driver holds only this list).
     files = [(i, s, discover_files(s, i)) for i, s in enumerate(data.sources)]
+    # Chunks small enough that every CPU gets several (one file must not mean one task), large
+    # enough that per-task overhead stays small.
+    sizes = sum(_file_size(f) for _, _, fs in files for f in fs)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    chunk_bytes = int(min(64 << 20, max(256 << 10, sizes / (4 * cpus))))
     index_remote = ray.remote(num_cpus=1)(index_file)
-    refs = [[index_remote.remote(f) for f in fs] for _, _, fs in files]
+    refs = [[index_remote.remote(f, chunk_bytes) for f in fs] for _, _, fs in files]
     chunks, source_files = [], []
     for (si, s, fs), rs in zip(files, refs):
         for fi, (f, info) in enumerate(zip(fs, ray.get(rs))):
@@ -444,18 +514,8 @@ def prepare(cfg: Config, log=None) -> dict:
     # Pass 2: duplicates (the driver receives only their uids).
     dups: dict[int, str] = {}
     if data.dedupe.exact or data.dedupe.near:
-        n_keys = total["rows"] * ((1 if data.dedupe.exact else 0) + (dd.lsh_params(data.dedupe.threshold, data.dedupe.num_perm)[0] if data.dedupe.near else 0))
-        # Few partitions: each is one reduce task; ~200k keys each keeps task memory small.
-        buckets = max(2, min(4096, n_keys // 200_000 + 1))
-        found = (ray.data.read_parquet(stage, columns=["uid", "keys", "sig"])
-                 .map_batches(explode_keys, fn_kwargs={"buckets": buckets}, batch_format="numpy")
-                 .groupby("bucket", num_partitions=buckets)
-                 .map_groups(duplicates_in_group, fn_kwargs={"threshold": data.dedupe.threshold, "num_perm": data.dedupe.num_perm},
-                             batch_format="numpy"))
-        for b in found.iter_batches(batch_format="numpy", batch_size=65536):
-            for u, k in zip(b["uid"], b["kind"]):
-                if dups.get(int(u)) != "exact":
-                    dups[int(u)] = str(k)
+        n_bands = dd.lsh_params(data.dedupe.threshold, data.dedupe.num_perm)[0] if data.dedupe.near else 0
+        dups = find_all_duplicates(stage, total["rows"] * (int(data.dedupe.exact) + n_bands), data.dedupe)
     dup_counts = Counter(dups.values())
     dup_by_source: dict[str, Counter] = {n: Counter() for n in names}
     for u, k in dups.items():
@@ -478,7 +538,7 @@ def prepare(cfg: Config, log=None) -> dict:
                     "reorder": aug.reorder.probability if aug.reorder else None},
         "bt_probability": aug.back_translate.probability if aug.back_translate else 0.0,
     })
-    staged = ray.data.read_parquet(stage)
+    staged = ray.data.read_parquet(stage, columns=[c for c in _schema(True).names if c not in ("keys", "sig")])
     out = staged.map_batches(finalize_batch, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
     if aug.back_translate and aug.copies:
         from distillery.data.back_translate import BackTranslator
@@ -563,6 +623,13 @@ def prepare(cfg: Config, log=None) -> dict:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+def _file_size(path: str) -> int:
+    import fsspec.core
+
+    fs, p = fsspec.core.url_to_fs(path)
+    return int(fs.size(p) or 0)
 
 
 def _first_quarantined(tmp: str, source: str) -> str:

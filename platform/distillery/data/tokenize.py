@@ -41,7 +41,7 @@ def truncate(ids: list[int], labels: list[int], max_length: int) -> tuple[list[i
     if len(ids) <= max_length:
         return ids, labels
     ids, labels = ids[:max_length], labels[:max_length]
-    if all(lab == IGNORE_INDEX for lab in labels):
+    if labels[-1] == IGNORE_INDEX:  # the prompt is a masked prefix: a masked last token means no response is left
         return None
     return ids, labels
 
