@@ -119,3 +119,22 @@ def test_truncate_windows_and_pack_keep_prompt_masked():
     packed = pack(rows, 4)
     assert [r["num_tokens"] for r in packed] == [4, 4, 2]
     assert packed[0]["labels"] == [IGNORE_INDEX, 2, IGNORE_INDEX, 2]
+
+
+def test_split_summary_digest_does_not_depend_on_batching():
+    import pyarrow as pa
+
+    from distillery.data.prepare import split_summary
+
+    rows = [{"split": "train" if i % 3 else "val", "source": "s", "row_id": f"r{i}", "input_ids": [i, i + 1],
+             "labels": [-100, i + 1], "augment": ""} for i in range(50)]
+
+    def total(batches):
+        acc = {}
+        for b in batches:
+            for r in split_summary(pa.Table.from_pylist(b)).to_pylist():
+                a = acc.setdefault(r["split"], [0, 0])
+                a[0], a[1] = (a[0] + r["h1"]) % 2**63, (a[1] + r["h2"]) % 2**63
+        return acc
+
+    assert total([rows]) == total([rows[:7], rows[7:30], rows[30:]]) == total([rows[::-1]])
