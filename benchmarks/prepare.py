@@ -6,7 +6,7 @@ Both sides do the same transforms on the same generated corpus (plain-text and i
 with bad rows, exact and near copies): read, validate, normalise, render through the chat template,
 tokenise (batches of 1024 on both sides), length filter, exact + MinHash near dedupe, mix, split,
 truncate and write Parquet splits. The loop holds its dedupe index in memory, as such a script
-would. Each side runs in its own subprocess so peak driver RSS (ru_maxrss) is its own; Ray's
+would. Each side runs in its own subprocess so peak driver RSS (sampled) is its own; Ray's
 start-up is reported apart from the pipeline time. Prints a table and writes
 benchmarks/results/prepare.json.
 """
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -148,7 +147,31 @@ def plain_loop(cfg) -> dict:
     return {"read": read, "written": sum(len(v) for v in splits.values()), "quarantine": dict(quarantine)}
 
 
+class PeakRss:
+    """Samples this process's RSS every 50 ms (ru_maxrss would carry the parent's peak across exec)."""
+
+    def __init__(self):
+        import threading
+
+        import psutil
+
+        self.proc, self.peak, self.stop = psutil.Process(), 0, threading.Event()
+        self.start_rss = self.proc.memory_info().rss
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop.wait(0.05):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def done(self) -> float:
+        self.stop.set()
+        self.thread.join()
+        return max(self.peak, self.proc.memory_info().rss) / 2**20
+
+
 def child(mode: str, work: Path, model: Path, paths: dict[str, Path], cpus: int) -> dict:
+    rss = PeakRss()
     if mode == "loop":
         t0 = time.perf_counter()
         res = plain_loop(config(work, model, paths, "loop"))
@@ -161,11 +184,11 @@ def child(mode: str, work: Path, model: Path, paths: dict[str, Path], cpus: int)
         ensure_ray(num_cpus=cpus, include_dashboard=False)
         startup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m = prepare(config(work, model, paths, "ray"), log=lambda s: print(s, file=sys.stderr, flush=True))
+        m = prepare(config(work, model, paths, "ray"), log=lambda s: print(f"prepare: {s}  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True))
         seconds = time.perf_counter() - t0
         res = {"read": m["steps"]["read"], "written": m["steps"]["written"], "quarantine": m["quarantine"]}
     return {**res, "seconds": round(seconds, 2), "startup_s": round(startup, 2), "rows_per_s": round(res["read"] / seconds),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mib": round(rss.done(), 1), "start_rss_mib": round(rss.start_rss / 2**20, 1)}
 
 
 def main() -> None:
@@ -195,6 +218,8 @@ def main() -> None:
             if p.returncode != 0:
                 raise SystemExit(f"{mode} run failed:\n{p.stderr[-4000:]}")
             results[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            if mode == "ray":  # the stage's own progress lines: where the time went
+                print("\n".join(line for line in p.stderr.splitlines() if line.startswith("prepare:")))
     ratio = results["ray"]["rows_per_s"] / results["loop"]["rows_per_s"]
     print(f"\nprepare benchmark: {args.rows:,} generated rows, {args.cpus} logical CPUs ({os.cpu_count()} cores)\n")
     print(f"{'pipeline':<28}{'rows/s':>10}{'seconds':>10}{'written':>10}{'peak RSS MiB':>14}")

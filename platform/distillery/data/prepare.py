@@ -9,15 +9,15 @@ Three Ray Data passes; the driver only ever holds file lists, counts and the uid
 1. **ingest** (one task per file chunk): read with file and line, validate, normalise (NFC,
    whitespace), render through the chat template, tokenise, filter by length, compute the dedupe
    keys (exact hash + MinHash LSH bands). Bad rows go to `quarantine/` with reason, file and line.
-   Output: a staged Parquet table under the temporary directory.
-2. **dedupe**: the narrow (key, uid, signature) table is grouped by key in Ray Data; each group
-   reports the rows that copy (exactly or nearly) an earlier row.
+   Output: a staged Parquet table, and the (key, uid, signature) rows bucketed by key into files.
+2. **dedupe** (one task per key bucket): rows sharing a key are compared; each task returns the
+   rows that copy (exactly, or above the MinHash threshold) an earlier row.
 3. **finalise**: drop duplicates, mix sources to their weights, split by a hash of the row,
    augment training rows (synonyms, clause reordering, back-translation), cut to `max_length`
-   (truncation, sliding windows, packing), and write `split=.../*.parquet`.
+   (truncation, sliding windows, packing), write `<split>/*.parquet` and stream back per-batch
+   counts and digests (rows, tokens, the fingerprint's order-independent sums).
 
-Then the splits are read once more for counts and the fingerprint, the manifest is written, and
-the temporary directory is renamed into place (`data.prepared`), so readers never see half a result.
+Then the manifest is written and the temporary directory is renamed into place (`data.prepared`), so readers never see half a result.
 For a multi-node cluster `data.prepared` must be on shared storage, as tasks write beside it.
 """
 
@@ -46,7 +46,7 @@ from distillery.data.splits import MANIFEST, SPLITS
 from distillery.data.tokenize import encode_batch, load_tokenizer_cached, pack, truncate, windows
 from distillery.data.validate import Invalid, validate
 
-OUT_BATCH = 1024  # rows per block the ingest tasks emit: bounded task memory, few tiny blocks
+OUT_BATCH = 4096  # rows per block the ingest tasks emit: bounded task memory, few small blocks and files
 UID_LINE_BITS, UID_FILE_BITS = 33, 20  # uid = source | file | line, so uid order = config order
 
 
@@ -72,7 +72,7 @@ def _schema(with_keys: bool):
         ("augment", pa.string()), ("label", pa.string()), ("metadata", pa.string()),
     ]
     if with_keys:
-        fields += [("uid", pa.int64()), ("messages", pa.string()), ("keys", pa.list_(pa.int64())), ("sig", pa.binary())]
+        fields += [("uid", pa.int64()), ("messages", pa.string())]
     else:
         fields += [("split", pa.string())]
     return pa.schema(fields)
@@ -124,6 +124,7 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
     tok = load_tokenizer_cached(ctx["tokenizer"])
     stats: Counter = Counter()
     quarantine: list[str] = []
+    key_rows: list[tuple[int, int, int, bytes]] = []  # (bucket, key, uid, signature) for pass 2
     pending: list[dict] = []
     schema = _schema(True)
     dd_cfg = ctx["dedupe"]
@@ -147,14 +148,15 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
             if not ctx["window"] and truncate(ids, labels, ctx["max_length"]) is None:
                 stats["too_long"] += 1  # the prompt alone fills max_length: nothing left to learn from
                 continue
-            keys = [dd.exact_key(r["row_id"])] if dd_cfg["exact"] else []
-            sig = None
+            if dd_cfg["exact"]:
+                k = dd.exact_key(r["row_id"])
+                key_rows.append((k % ctx["buckets"], k, r["uid"], b""))  # exact keys need no signature
             if dd_cfg["near"]:
-                s = dd.minhash(r.pop("content"), dd_cfg["num_perm"], dd_cfg["shingle"], ctx["seed"])
-                keys += dd.band_keys(s, bands, rows_per_band)
-                sig = s.tobytes()
+                sig = dd.minhash(r["content"], dd_cfg["num_perm"], dd_cfg["shingle"], ctx["seed"]).tobytes()
+                for k in dd.band_keys(np.frombuffer(sig, np.uint32), bands, rows_per_band):
+                    key_rows.append((k % ctx["buckets"], k, r["uid"], sig))
             r.pop("content", None)
-            out.append({**r, "input_ids": ids, "labels": labels, "num_tokens": n, "augment": "", "keys": keys, "sig": sig})
+            out.append({**r, "input_ids": ids, "labels": labels, "num_tokens": n, "augment": ""})
             stats["rows"] += 1
             stats["tokens"] += n
         pending.clear()
@@ -191,6 +193,7 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
     if pending:
         yield flush()
     chunk_id = f"{src_idx:04d}-{file_idx:06d}-{int(chunk['start']):012d}"
+    _write_key_buckets(key_rows, f"{ctx['tmp']}/_keys", chunk_id)
     if quarantine:
         _write_text(f"{ctx['tmp']}/quarantine/{chunk_id}.jsonl", "\n".join(quarantine) + "\n")
     _write_text(f"{ctx['tmp']}/_stats/{chunk_id}.json", json.dumps({"source": name, "file": path, **stats}))
@@ -199,62 +202,71 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
 # --------------------------------------------------------------------------- pass 2: dedupe
 
 
-def explode_keys(batch: dict, buckets: int) -> dict:
-    """(bucket, key, uid) per key of each row: the narrow table grouped in pass 2 (24 bytes per key)."""
-    n_keys = np.array([len(k) for k in batch["keys"]])
-    keys = np.concatenate([np.asarray(k, dtype=np.int64) for k in batch["keys"]]) if len(n_keys) else np.zeros(0, np.int64)
-    return {"bucket": (keys % buckets).astype(np.int64), "key": keys, "uid": np.repeat(batch["uid"], n_keys)}
+def _write_key_buckets(key_rows: list, root: str, chunk_id: str) -> None:
+    """Write this chunk's (key, uid, signature) rows into one Parquet file per key bucket.
+
+    This is the map side of a shuffle through files: pass 2 reads each bucket's files in one task.
+    It costs one small file per (chunk, bucket) and no all-to-all exchange between processes, which
+    on few cores is several times cheaper than a generic hash shuffle of the same narrow rows.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    by_bucket: dict[int, list] = {}
+    for bucket, key, uid, sig in key_rows:
+        by_bucket.setdefault(bucket, []).append((key, uid, sig))
+    for bucket, rows in by_bucket.items():
+        keys, uids, sigs = zip(*rows)
+        table = pa.table({"key": pa.array(keys, pa.int64()), "uid": pa.array(uids, pa.int64()), "sig": pa.array(sigs, pa.binary())})
+        fs, path = fsspec.core.url_to_fs(f"{root}/b{bucket:05d}/{chunk_id}.parquet")
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            pq.write_table(table, f)
 
 
-def colliding_keys(group: dict) -> dict:
-    """The (key, uid) rows whose key is shared by several rows: exact copies and near-copy candidates."""
-    keys, uids = np.asarray(group["key"], np.int64), np.asarray(group["uid"], np.int64)
-    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
-    shared = counts[inverse] > 1
-    return {"key": keys[shared], "uid": uids[shared]}
+def duplicates_in_bucket(batch: dict, root: str, threshold: float, num_perm: int) -> dict:
+    """Ray Data UDF, one key bucket: {uid, kind} of the rows that copy an earlier row (reduce side)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (bucket,) = batch["bucket"]
+    fs, path = fsspec.core.url_to_fs(f"{root}/b{int(bucket):05d}")
+    files = sorted(fs.find(path)) if fs.exists(path) else []
+    if not files:
+        return {"uid": np.zeros(0, np.int64), "kind": np.zeros(0, object)}
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    t = pa.concat_tables(tables)
+    sig_col = t["sig"].to_pylist()
+    zero = bytes(4 * num_perm)
+    sigs = None
+    if any(sig_col):
+        sigs = np.frombuffer(b"".join(s or zero for s in sig_col), dtype=np.uint32).reshape(len(sig_col), num_perm)
+    with _no_gc():
+        found = dd.find_duplicates(t["key"].to_numpy(), t["uid"].to_numpy(), sigs, threshold)
+    return {"uid": np.array(list(found), dtype=np.int64), "kind": np.array(list(found.values()), dtype=object)}
 
 
-def signatures_of(batch: dict, uids: np.ndarray) -> dict:
-    keep = np.isin(np.asarray(batch["uid"], np.int64), uids)
-    return {"uid": np.asarray(batch["uid"], np.int64)[keep], "sig": np.asarray(batch["sig"], dtype=object)[keep]}
+def find_all_duplicates(tmp: str, buckets: int, dedupe) -> dict[int, str]:
+    """{uid: 'exact' | 'near'} over the whole corpus: one Ray task per key bucket, only duplicates come back.
 
-
-def find_all_duplicates(stage: str, total_keys: int, dedupe) -> dict[int, str]:
-    """{uid: 'exact' | 'near'} over the whole staged table.
-
-    Ray Data groups the narrow (key, uid) table by key; only rows that share a key with another
-    row (copies and LSH candidates) come back to the driver, with their signatures for verification.
-    Driver memory is O(candidate rows), not O(corpus rows).
+    Driver memory is O(duplicate rows) (8 bytes + a short string each), not O(corpus rows).
     """
     import ray.data
 
-    buckets = max(2, min(4096, total_keys // 500_000 + 1))  # reduce tasks of ~500k keys (12 MB) each
-    shared = (ray.data.read_parquet(stage, columns=["uid", "keys"])
-              .map_batches(explode_keys, fn_kwargs={"buckets": buckets}, batch_format="numpy")
-              .groupby("bucket", num_partitions=buckets)
-              .map_groups(colliding_keys, batch_format="numpy"))
-    keys, uids = [], []
-    for b in shared.iter_batches(batch_format="numpy", batch_size=None):
-        keys.append(b["key"])
-        uids.append(b["uid"])
-    if not keys:
-        return {}
-    keys_a, uids_a = np.concatenate(keys).astype(np.int64), np.concatenate(uids).astype(np.int64)
-    if not len(keys_a):
-        return {}
-    sigs = None
-    near = (keys_a >> 48) != dd.EXACT_BAND
-    if near.any():
-        wanted = np.unique(uids_a[near])
-        by_uid: dict[int, np.ndarray] = {}
-        for b in (ray.data.read_parquet(stage, columns=["uid", "sig"])
-                  .map_batches(signatures_of, fn_kwargs={"uids": wanted}, batch_format="numpy")
-                  .iter_batches(batch_format="numpy", batch_size=None)):
-            for u, sg in zip(b["uid"], b["sig"]):
-                by_uid[int(u)] = np.frombuffer(sg, dtype=np.uint32)
-        zero = np.zeros(dedupe.num_perm, np.uint32)
-        sigs = np.stack([by_uid.get(int(u), zero) for u in uids_a])
-    return dd.find_duplicates(keys_a, uids_a, sigs, dedupe.threshold)
+    found = ray.data.from_items([{"bucket": b} for b in range(buckets)], override_num_blocks=buckets).map_batches(
+        duplicates_in_bucket, batch_size=1, batch_format="numpy",
+        fn_kwargs={"root": f"{tmp}/_keys", "threshold": dedupe.threshold, "num_perm": dedupe.num_perm})
+    dups: dict[int, str] = {}
+    for b in found.iter_batches(batch_format="numpy", batch_size=None):
+        for u, k in zip(b["uid"], b["kind"]):
+            if dups.get(int(u)) != "exact":  # a row both copied and near-copied counts as an exact copy
+                dups[int(u)] = str(k)
+    return dups
 
 
 # --------------------------------------------------------------------------- pass 3: finalise
@@ -298,7 +310,6 @@ def select_rows(batch, ctx: dict):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    batch = batch.drop_columns([c for c in ("keys", "sig") if c in batch.column_names])  # dedupe-only columns
     if len(ctx["dups"]):
         batch = batch.filter(pc.invert(pc.is_in(batch["uid"], value_set=pa.array(ctx["dups"], pa.int64()))))
     rows = batch.to_pylist()
@@ -335,8 +346,7 @@ def _finalize_batch(batch, ctx: dict):
                                        aug["synonyms"]["probability"] if syn else 0.0, aug["reorder"])
                 if res is not None:
                     copies.append({**r, "messages": json.dumps(res[0], ensure_ascii=False), "augment": provenance(res[1])})
-    rows = _shape(rows + _encode_rows(copies, ctx), ctx)
-    return pa.Table.from_pylist(rows, schema=_schema(False))
+    return write_rows(_shape(rows + _encode_rows(copies, ctx), ctx), ctx, "part")
 
 
 def select_for_back_translation(batch, ctx: dict):
@@ -352,8 +362,30 @@ def select_for_back_translation(batch, ctx: dict):
 def finalize_translated(batch, ctx: dict):
     import pyarrow as pa
 
-    rows = batch.to_pylist()
-    return pa.Table.from_pylist(_shape(_encode_rows(rows, ctx), ctx), schema=_schema(False))
+    with _no_gc():
+        return write_rows(_shape(_encode_rows(batch.to_pylist(), ctx), ctx), ctx, "bt")
+
+
+def write_rows(rows: list[dict], ctx: dict, prefix: str):
+    """Write a batch's rows into `<tmp>/<split>/` and return its summary (see split_summary).
+
+    Files are named by a hash of their row ids, so a retried task overwrites its own files
+    instead of adding rows; writing here, not in a separate sink, lets one pass both write and count.
+    """
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_pylist(rows, schema=_schema(False))
+    for split in SPLITS:
+        part = [r for r in rows if r["split"] == split]
+        if not part:
+            continue
+        name = hashlib.sha1("".join(r["row_id"] for r in part).encode()).hexdigest()[:20]
+        fs, path = fsspec.core.url_to_fs(f"{ctx['tmp']}/{split}/{prefix}-{name}.parquet")
+        with fs.open(path, "wb") as f:
+            pq.write_table(pa.Table.from_pylist(part, schema=_schema(False)).drop_columns(["split"]), f)
+    return split_summary(table)
 
 
 _SYN_CACHE: dict[int, Synonyms] = {}
@@ -394,24 +426,29 @@ def split_summary(batch) -> Any:
 # --------------------------------------------------------------------------- driver
 
 
+def _tokenizer_dir(path: str) -> str:
+    """The directory holding the tokenizer files: `path` itself, or the model dir of a run directory."""
+    if os.path.exists(os.path.join(path, "tokenizer_config.json")):
+        return path
+    from distillery.models.load import resolve_model_dir
+
+    return str(resolve_model_dir(path))
+
+
 def _tokenizer_path(cfg: Config) -> str:
     path = cfg.model.tokenizer or cfg.model.path
     if path is None:
         raise ConfigError("prepare: set model.path (or model.tokenizer): its tokenizer and chat template render and tokenise the rows")
-    from distillery.models.load import resolve_model_dir
-
     try:
-        resolve_model_dir(path) if not os.path.exists(os.path.join(path, "tokenizer_config.json")) else None
+        _tokenizer_dir(path)
     except FileNotFoundError as e:
         raise ConfigError(f"model.{'tokenizer' if cfg.model.tokenizer else 'path'}: {e}") from None
     return path
 
 
 def _tokenizer_identity(path: str, tok) -> dict:
-    from distillery.models.load import resolve_model_dir
-
     digest = hashlib.sha256()
-    d = resolve_model_dir(path) if not os.path.exists(os.path.join(path, "tokenizer_config.json")) else path
+    d = _tokenizer_dir(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         p = os.path.join(d, name)
         if os.path.isfile(p):
@@ -430,7 +467,10 @@ class Progress:
 
 
 def prepare(cfg: Config, log=None) -> dict:
-    """Run the three passes and write `cfg.prepared_dir` atomically; returns the manifest."""
+    """Run the three passes and write `cfg.prepared_dir` atomically; returns the manifest.
+
+    Needs a connected Ray (`run_prepare` starts or joins one); `log` gets the progress lines.
+    """
     import ray
     import ray.data
 
@@ -485,6 +525,8 @@ def prepare(cfg: Config, log=None) -> dict:
         "min_length": data.min_length, "max_length": data.max_length,
         "window": data.window.model_dump() if data.window else None, "packing": data.packing,
         "dedupe": data.dedupe.model_dump(),
+        # Key buckets of pass 2: at least one per CPU, and about 32 MB of corpus each.
+        "buckets": int(max(cpus, min(4096, sizes // (32 << 20) + 1))),
     }
     ray.data.DataContext.get_current().enable_progress_bars = False
     stage = f"{tmp}/_stage"
@@ -514,8 +556,8 @@ def prepare(cfg: Config, log=None) -> dict:
     # Pass 2: duplicates (the driver receives only their uids).
     dups: dict[int, str] = {}
     if data.dedupe.exact or data.dedupe.near:
-        n_bands = dd.lsh_params(data.dedupe.threshold, data.dedupe.num_perm)[0] if data.dedupe.near else 0
-        dups = find_all_duplicates(stage, total["rows"] * (int(data.dedupe.exact) + n_bands), data.dedupe)
+        dups = find_all_duplicates(tmp, ctx["buckets"], data.dedupe)
+    shutil.rmtree(f"{tmp}/_keys", ignore_errors=True)
     dup_counts = Counter(dups.values())
     dup_by_source: dict[str, Counter] = {n: Counter() for n in names}
     for u, k in dups.items():
@@ -538,7 +580,7 @@ def prepare(cfg: Config, log=None) -> dict:
                     "reorder": aug.reorder.probability if aug.reorder else None},
         "bt_probability": aug.back_translate.probability if aug.back_translate else 0.0,
     })
-    staged = ray.data.read_parquet(stage, columns=[c for c in _schema(True).names if c not in ("keys", "sig")])
+    staged = ray.data.read_parquet(stage)
     out = staged.map_batches(finalize_batch, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
     if aug.back_translate and aug.copies:
         from distillery.data.back_translate import BackTranslator
@@ -550,31 +592,22 @@ def prepare(cfg: Config, log=None) -> dict:
                                                           "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens})
                       .map_batches(finalize_translated, batch_format="pyarrow", fn_kwargs={"ctx": ctx}))
         out = out.union(translated)
-    out.write_parquet(f"{tmp}/_splits", partition_cols=["split"])
-    shutil.rmtree(stage)
-
-    # Counts, achieved mix and fingerprint in one read of the written token columns.
+    for split in SPLITS:
+        os.makedirs(f"{tmp}/{split}", exist_ok=True)
+    # Writing happens inside the map tasks; what streams back is one summary row per (batch, split, source).
     totals: dict[tuple[str, str], np.ndarray] = {}
-    summary = ray.data.read_parquet(f"{tmp}/_splits", columns=["row_id", "source", "input_ids", "labels", "augment", "split"],
-                                    partitioning=ray.data.datasource.Partitioning("hive")).map_batches(
-        split_summary, batch_format="pyarrow", batch_size=8192)
-    for b in summary.iter_batches(batch_format="pandas", batch_size=None):
+    for b in out.iter_batches(batch_format="pandas", batch_size=None):
         for r in b.itertuples(index=False):
             acc = totals.setdefault((r.split, r.source), np.zeros(6, dtype=object))
             acc += np.array([r.rows, r.tokens, r.augmented, r.orig_tokens, r.h1, r.h2], dtype=object)
+    shutil.rmtree(stage)
     splits: dict[str, dict] = {}
     fp = hashlib.sha256()
     for split in SPLITS:
-        src, dst = f"{tmp}/_splits/split={split}", f"{tmp}/{split}"
-        if os.path.isdir(src):
-            os.replace(src, dst)
-        else:
-            os.makedirs(dst, exist_ok=True)
         acc = sum((v for (sp, _), v in totals.items() if sp == split), np.zeros(6, dtype=object))
         rows, tokens, augmented = int(acc[0]), int(acc[1]), int(acc[2])
         splits[split] = {"rows": rows, "tokens": tokens, "augmented": augmented}
         fp.update(f"{split}:{rows}:{tokens}:{int(acc[4]) % 2**63:016x}{int(acc[5]) % 2**63:016x};".encode())
-    shutil.rmtree(f"{tmp}/_splits", ignore_errors=True)
     shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
     fingerprint = fp.hexdigest()
 
@@ -650,8 +683,10 @@ def run_prepare(cfg: Config) -> int:
     t0 = time.time()
     # Ray Data's per-execution INFO lines would bury the stage's own progress lines.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-    # Logical CPUs: one per core plus one, so the driver-side reads of pass 2 can overlap the last tasks.
-    started = ensure_ray(num_cpus=max(2, (os.cpu_count() or 2)), include_dashboard=False)
+    # Logical CPUs: one per core for the map tasks, plus one for the back-translation actor so
+    # that it cannot starve the tasks feeding it (ARCHITECTURE.md, resource traps on 2 cores).
+    extra = 1 if cfg.data.augment.back_translate and cfg.data.augment.copies else 0
+    started = ensure_ray(num_cpus=max(2, os.cpu_count() or 2) + extra, include_dashboard=False)
     try:
         m = prepare(cfg)
     finally:

@@ -155,13 +155,15 @@ def read_chunk(path: str, start: int, end: int, first_line: int) -> Iterator[Rec
 
 
 def _read_csv(fs, p: str, first_line: int) -> Iterator[Record]:
+    import csv
+
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     # Every column as a string: a `label` of "007" or an `input` of "1,2" must not change type.
     with fs.open(p, "rb") as f:
         head = f.readline().decode("utf-8", errors="replace")
-    names = next(iter(__import__("csv").reader([head])), [])
+    names = next(iter(csv.reader([head])), [])
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
     line = first_line
     with fs.open(p, "rb") as f:
