@@ -17,7 +17,8 @@ Three Ray Data passes; the driver only ever holds file lists, counts and the uid
    (truncation, sliding windows, packing), write `<split>/*.parquet` and stream back per-batch
    counts and digests (rows, tokens, the fingerprint's order-independent sums).
 
-Then the manifest is written and the temporary directory is renamed into place (`data.prepared`), so readers never see half a result.
+Then the manifest is written and the temporary directory is renamed into place
+(`data.prepared`), so readers never see half a result.
 For a multi-node cluster `data.prepared` must be on shared storage, as tasks write beside it.
 """
 
