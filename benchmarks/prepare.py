@@ -184,7 +184,10 @@ def child(mode: str, work: Path, model: Path, paths: dict[str, Path], cpus: int)
         ensure_ray(num_cpus=cpus, include_dashboard=False)
         startup = time.perf_counter() - t0
         t0 = time.perf_counter()
-        m = prepare(config(work, model, paths, "ray"), log=lambda s: print(f"prepare: {s}  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True))
+        def log(text: str) -> None:
+            print(f"prepare: {text}  ({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
+
+        m = prepare(config(work, model, paths, "ray"), log=log)
         seconds = time.perf_counter() - t0
         res = {"read": m["steps"]["read"], "written": m["steps"]["written"], "quarantine": m["quarantine"]}
     return {**res, "seconds": round(seconds, 2), "startup_s": round(startup, 2), "rows_per_s": round(res["read"] / seconds),
@@ -201,7 +204,7 @@ def main() -> None:
     if args.child:
         work = Path(args.work)
         paths = {"general": work / "general.jsonl", "domain": work / "domain.jsonl"}
-        print(json.dumps(child(args.child, work, work / "model", paths, args.cpus)))
+        print("RESULT " + json.dumps(child(args.child, work, work / "model", paths, args.cpus)), flush=True)
         return
 
     from distillery.models.init_model import ArchSpec, init_model
@@ -217,7 +220,7 @@ def main() -> None:
                                capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 raise SystemExit(f"{mode} run failed:\n{p.stderr[-4000:]}")
-            results[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            results[mode] = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
             if mode == "ray":  # the stage's own progress lines: where the time went
                 print("\n".join(line for line in p.stderr.splitlines() if line.startswith("prepare:")))
     ratio = results["ray"]["rows_per_s"] / results["loop"]["rows_per_s"]
