@@ -30,9 +30,7 @@ EXIT_NOT_AVAILABLE = 3  # the stage exists in the CLI but has not been built yet
 
 # Stages named in the CLI whose implementation has not landed yet. A stage leaves this
 # mapping when its module lands; until then it refuses loudly instead of pretending.
-PENDING_STAGES: dict[str, str] = {
-    "prepare": "`distillery prepare` (Ray Data corpus preparation)",
-}
+PENDING_STAGES: dict[str, str] = {}
 
 # Inputs each stage needs on disk before any Ray work starts.
 STAGE_INPUTS: dict[str, list[str]] = {
@@ -48,6 +46,10 @@ STAGE_INPUTS: dict[str, list[str]] = {
 
 def _stage_runner(stage: str) -> Callable[[Config], int] | None:
     """The function that runs `stage`, imported lazily so `distillery config` stays fast."""
+    if stage == "prepare":
+        from distillery.data.prepare import run_prepare
+
+        return run_prepare
     if stage == "cache-teacher":
         from distillery.teacher.cache import run_cache_teacher
 

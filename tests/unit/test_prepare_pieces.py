@@ -1,0 +1,140 @@
+"""The pure-Python pieces of `distillery prepare`: reading with lines, validation, normalisation,
+MinHash dedupe, augmentation, mixing, splitting and token masking (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from distillery.data import dedupe as dd
+from distillery.data.augment import Synonyms, augment_messages, reorder_clauses
+from distillery.data.mix import keep_rates, unit_hash
+from distillery.data.normalize import normalize_fields, normalize_text
+from distillery.data.read import index_file, read_chunk
+from distillery.data.splits import IGNORE_INDEX
+from distillery.data.tokenize import pack, truncate, windows
+from distillery.data.validate import Invalid, validate
+
+
+def test_chunks_keep_line_numbers_and_bad_lines_are_reported(tmp_path):
+    p = tmp_path / "c.jsonl"
+    lines = [json.dumps({"text": f"row {i} " + "x" * (i % 7)}).encode() for i in range(200)]
+    lines[17] = b'{"text": "broken'
+    lines[42] = b'{"text": "caf\xe9"}'  # latin-1 byte: not UTF-8
+    p.write_bytes(b"\n".join(lines) + b"\n")
+    info = index_file(str(p), chunk_bytes=256)
+    assert len(info.chunks) > 5 and info.size == p.stat().st_size and len(info.sha256) == 64
+    seen = {}
+    for start, end, first in info.chunks:
+        for line, obj, raw, reason in read_chunk(str(p), start, end, first):
+            seen[line] = (obj, reason)
+    assert sorted(seen) == list(range(1, 201))
+    assert seen[18][1].startswith("bad_json") and seen[43][1].startswith("undecodable")
+    assert seen[100][0] == {"text": "row 99 " + "x" * (99 % 7)}
+
+
+@pytest.mark.parametrize("row,fmt,reason", [
+    ({"output": "x"}, "instruction", "missing_field"),
+    ({"instruction": 3, "output": "x"}, "instruction", "wrong_type"),
+    ({"instruction": "  \n", "output": "x"}, "instruction", "empty_text"),
+    ([1, 2], "text", "not_an_object"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "chat", "wrong_type"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, "chat", "wrong_type"),
+])
+def test_invalid_rows_have_reasons(row, fmt, reason):
+    with pytest.raises(Invalid) as e:
+        normalize_fields(validate(row, fmt), fmt)
+    assert e.value.reason == reason
+
+
+def test_normalize_nfc_and_whitespace():
+    assert normalize_text("Cafe\u0301  \t au\u3000lait\r\n\n\n\nnext ") == "Café au lait\n\nnext"
+    fields = normalize_fields(validate({"instruction": " 指令 ", "input": None, "output": "输出", "label": 1}, "instruction"), "instruction")
+    assert fields == {"instruction": "指令", "input": "", "output": "输出", "label": 1, "metadata": None}
+
+
+def test_minhash_separates_near_copies_from_different_rows():
+    a = "The quarterly report shows revenue of 512 million and a profit of 48 million for Acme."
+    near = a.replace("512", "513")
+    other = "Sort the numbers 5 3 9 1 in ascending order and print them on one line."
+    sa, sn, so = (dd.minhash(t) for t in (a, near, other))
+    assert (sa == sn).mean() > 0.8 and (sa == so).mean() < 0.2
+    b, r = dd.lsh_params(0.85, 64)
+    assert b * r <= 64
+    uids = np.array([5, 9, 7], dtype=np.int64)
+    keys, us, sigs = [], [], []
+    for u, s in zip(uids, (sa, sn, so)):
+        for k in dd.band_keys(s, b, r):
+            keys.append(k), us.append(u), sigs.append(s)
+    keys.append(dd.exact_key("ab" * 8)), us.append(11), sigs.append(so)
+    keys.append(dd.exact_key("ab" * 8)), us.append(3), sigs.append(so)
+    found = dd.find_duplicates(np.array(keys), np.array(us), np.stack(sigs), 0.85)
+    assert found == {9: "near", 11: "exact"}
+
+
+def test_augmentation_is_seeded_and_changes_only_what_it_says():
+    syn = Synonyms([["心电图", "ECG", "electrocardiogram"], ["add", "sum"]])
+    msgs = [{"role": "user", "content": "The ECG is normal, the patient is calm, we add notes. 心电图正常，患者平稳，可以出院。"},
+            {"role": "assistant", "content": "ECG fine"}]
+    a = augment_messages(msgs, "r1", 1, 7, syn, 1.0, None)
+    assert a == augment_messages(msgs, "r1", 1, 7, syn, 1.0, None)
+    new, prov = a
+    assert prov["copy"] == 1 and prov["synonyms"]
+    # Applying exactly the recorded replacements to the original gives the copy: nothing else changed.
+    chosen = dict(prov["synonyms"])
+    assert [syn.apply(m["content"], chosen) for m in msgs] == [m["content"] for m in new]
+    assert new != msgs
+    assert "address" == syn.apply("address", {"add": "sum"})
+    # Reordering keeps every clause and the sentence end, and only touches user turns.
+    text, orders = reorder_clauses("First, we eat, then we sleep, and we go home.", random.Random(3))
+    assert sorted(text.rstrip(".").replace(",", "").split()) == sorted("First we eat then we sleep and we go home".split())
+    assert text.endswith("and we go home.")
+    r = next(x for x in (augment_messages(msgs, "r2", c, 0, None, 0.0, 1.0) for c in range(1, 9)) if x is not None)
+    assert r[0][1] == msgs[1] and "reorder" in r[1]
+    json_text = 'Extract: {"a": 1, "b": 2, "c": 3}.'
+    assert reorder_clauses(json_text, random.Random(0)) == (json_text, [])
+
+
+def test_mix_rates_hit_weights_and_split_hash_is_stable():
+    rates = keep_rates({"general": 1000, "domain": 1000, "task": 100}, {"general": 7, "domain": 2, "task": 1})
+    kept = {"general": 1000 * rates["general"], "domain": 1000 * rates["domain"], "task": 100 * rates["task"]}
+    assert kept["task"] == 100 and abs(kept["general"] / kept["task"] - 7) < 1e-9 and abs(kept["domain"] / kept["task"] - 2) < 1e-9
+    assert unit_hash("split", 0, "abc") == unit_hash("split", 0, "abc") != unit_hash("split", 1, "abc")
+
+
+def test_truncate_windows_and_pack_keep_prompt_masked():
+    ids, labels = list(range(10)), [IGNORE_INDEX] * 4 + list(range(4, 10))
+    t_ids, t_labels = truncate(ids, labels, 6)
+    assert t_ids == ids[:6] and t_labels == labels[:6]
+    assert truncate(ids, labels, 4) is None  # only prompt left
+    w = windows(list(range(10)), list(range(10)), size=4, stride=3)
+    assert [x for x, _ in w] == [[0, 1, 2, 3], [3, 4, 5, 6], [6, 7, 8, 9]]
+    trained = [t for _, lab in w for t in lab if t != IGNORE_INDEX]
+    assert trained == list(range(10))  # every token is a target exactly once
+    rows = [{"row_id": str(i), "source": "s", "prompt": "p", "response": "r", "input_ids": [1, 2], "labels": [IGNORE_INDEX, 2],
+             "num_tokens": 2, "augment": "", "split": "train"} for i in range(5)]
+    packed = pack(rows, 4)
+    assert [r["num_tokens"] for r in packed] == [4, 4, 2]
+    assert packed[0]["labels"] == [IGNORE_INDEX, 2, IGNORE_INDEX, 2]
+
+
+def test_split_summary_digest_does_not_depend_on_batching():
+    import pyarrow as pa
+
+    from distillery.data.prepare import split_summary
+
+    rows = [{"split": "train" if i % 3 else "val", "source": "s", "row_id": f"r{i}", "input_ids": [i, i + 1],
+             "labels": [-100, i + 1], "augment": ""} for i in range(50)]
+
+    def total(batches):
+        acc = {}
+        for b in batches:
+            for r in split_summary(pa.Table.from_pylist(b)).to_pylist():
+                a = acc.setdefault(r["split"], [0, 0])
+                a[0], a[1] = (a[0] + r["h1"]) % 2**63, (a[1] + r["h2"]) % 2**63
+        return acc
+
+    assert total([rows]) == total([rows[:7], rows[7:30], rows[30:]]) == total([rows[::-1]])
