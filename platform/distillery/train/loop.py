@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -44,6 +45,12 @@ class TrainState:
     best_val: float = math.inf
     bad_evals: int = 0  # evaluations since val loss last improved
     last_val: dict | None = None
+
+
+def say(message: str) -> None:
+    """Print a progress line once. Ray Train patches `print` on workers to log *and* echo it, which
+    shows every line twice on the driver; writing to the process's own stdout bypasses the patch."""
+    print(message, file=sys.__stdout__ or sys.stdout, flush=True)
 
 
 # --------------------------------------------------------------------------- setup
@@ -297,10 +304,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             state = load_checkpoint(d, model, optimizer, scheduler, rank)
         if rank == 0:
-            print(f"[{stage}] resumed from checkpoint at step {state.step} (epoch {state.epoch}, micro-batch {state.micro_in_epoch})", flush=True)
+            say(f"[{stage}] resumed from checkpoint at step {state.step} (epoch {state.epoch}, micro-batch {state.micro_in_epoch})")
     log = MetricsLog(cfg, rank, state.step)
     if rank == 0 and state.step == 0:
-        print(f"[{stage}] {plan.describe()}; {world} worker(s), strategy {cfg.train.strategy}, {total_steps} steps", flush=True)
+        say(f"[{stage}] {plan.describe()}; {world} worker(s), strategy {cfg.train.strategy}, {total_steps} steps")
 
     columns = objective.columns()
     train_shard = ray.train.get_dataset_shard("train")
@@ -314,7 +321,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state.last_val = val
         log.write({"step": state.step, **val})
         if rank == 0:
-            print(f"[{stage}] step {state.step} " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
+            say(f"[{stage}] step {state.step} " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if val["val_loss"] < state.best_val - 1e-6:
             state.best_val, state.bad_evals = val["val_loss"], 0
         else:
@@ -382,10 +389,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         t_last, tokens_since = now, 0.0
         log.write(record)
         if rank == 0 and (state.step == 1 or state.step % 10 == 0 or state.step == total_steps):
-            print(
+            say(
                 f"[{stage}] step {state.step}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                f"grad_norm {grad_norm:.3f} tokens/s {record['tokens_per_s']:.0f}",
-                flush=True,
+                f"grad_norm {grad_norm:.3f} tokens/s {record['tokens_per_s']:.0f}"
             )
         if state.step >= total_steps:
             break  # the final evaluation and checkpoint follow the loop
@@ -398,7 +404,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             patience = cfg.train.early_stopping_patience
             if patience and state.bad_evals >= patience:
                 if rank == 0:
-                    print(f"[{stage}] early stop at step {state.step}: val loss did not improve in {patience} evaluations", flush=True)
+                    say(f"[{stage}] early stop at step {state.step}: val loss did not improve in {patience} evaluations")
                 early_stop = True
         if early_stop:
             break
@@ -410,4 +416,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     export_model(model, tokenizer, cfg, rank, plan)
     report({"done": 1}, with_checkpoint=True)
     if rank == 0:
-        print(f"[{stage}] done at step {state.step}: model in {os.path.join(cfg.output_dir, 'model')}", flush=True)
+        say(f"[{stage}] done at step {state.step}: model in {os.path.join(cfg.output_dir, 'model')}")
