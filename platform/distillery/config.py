@@ -179,7 +179,7 @@ class DistillConfig(Section):
     chunk_size: int = Field(256, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory).")
     # Offline teacher cache (`distillery cache-teacher`).
     cache_backend: Literal["auto", "hf", "vllm"] = Field(
-        "auto", description="Teacher cache engine: vLLM `prompt_logprobs`, a Hugging Face forward, or `auto` (vLLM when installed and the teacher is not a PEFT adapter)."
+        "auto", description="Teacher cache engine: vLLM `prompt_logprobs`, a Hugging Face forward, or `auto` (vLLM with `train.use_gpu` when installed and the teacher is not a PEFT adapter; else HF)."
     )
     cache_dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the cached top-k logprobs (float16 halves their size; error below 0.01 nats above -16).")
     cache_batch_size: int = Field(8, ge=1, description="Rows per teacher forward when building the cache (bounds the rows×length×vocabulary logits).")

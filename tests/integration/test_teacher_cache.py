@@ -113,3 +113,29 @@ def test_stale_cache_is_refused(cached, tmp_path):
     missing.data.prepared = str(other)
     with pytest.raises(TeacherCacheError, match="run `distillery cache-teacher"):
         check_cache(missing)
+
+
+def test_vllm_backend_agrees_with_the_hf_forward(cached, tmp_path):
+    """The vLLM `prompt_logprobs` path stores the same distribution as the HF forward (top 16 of it)."""
+    cfg, _ = cached
+    vcfg = cfg.model_copy(deep=True)
+    vcfg.distill.cache_backend, vcfg.distill.top_k, vcfg.distill.cache = "vllm", 16, str(tmp_path / "vllm-cache")
+    assert run_cache_teacher(vcfg) == 0
+    assert json.loads((tmp_path / "vllm-cache" / CACHE_MANIFEST).read_text())["backend"] == "vllm"
+    for split in ("train", "val"):
+        full = {r["row_id"]: r for r in _rows(f"{cfg.teacher_cache_dir}/{split}")}  # HF, whole vocabulary
+        rows = _rows(tmp_path / "vllm-cache" / split)
+        assert len(rows) == len(full)
+        for row in rows:
+            ref = full[row["row_id"]]
+            checked = 0
+            for ids, lps, tail, ref_ids, ref_lps in zip(row[IDS_COL], row[LOGPROBS_COL], row[TAIL_COL], ref[IDS_COL], ref[LOGPROBS_COL]):
+                assert len(ids) == (16 if ref_ids else 0)
+                if not ids:
+                    continue
+                ref_lp = dict(zip(ref_ids, ref_lps))
+                assert all(abs(ref_lp[i] - lp) < 2e-3 for i, lp in zip(ids, lps))  # same token, same logprob
+                assert abs(lps[0] - ref_lps[0]) < 2e-3  # vLLM's best is the HF best (up to ties)
+                assert abs(np.exp(tail) - (1 - np.exp(np.array(lps, dtype=np.float64)).sum())) < 1e-4
+                checked += 1
+            assert checked > 0

