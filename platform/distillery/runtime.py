@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 
+_START_ONLY = {"include_dashboard", "dashboard_port", "num_gpus", "resources", "object_store_memory"}
+
+
 def ensure_ray(num_cpus: float | None = None, **kwargs) -> bool:
     """Make sure this process is connected to Ray; True if this call started it (the caller shuts it down).
 
@@ -23,7 +26,8 @@ def ensure_ray(num_cpus: float | None = None, **kwargs) -> bool:
         return False
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, **kwargs)
+        # Options that size or shape a new instance are refused when joining one.
+        ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in _START_ONLY})
     else:
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
     return True

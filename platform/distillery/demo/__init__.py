@@ -105,7 +105,8 @@ def run_demo(config_path: str = "jobs/demo.yaml", workdir: str = "runs/demo") ->
     d.done(t)
 
     # One local Ray for every stage; logical CPUs above the 2 cores so Ray Data can feed the trainers.
-    started = ensure_ray(num_cpus=4, include_dashboard=False)
+    # The dashboard also lets Ray Train free the workers of trials that Tune stops early.
+    started = ensure_ray(num_cpus=4, include_dashboard=True)
     try:
         from distillery.data.prepare import run_prepare
         from distillery.evaluate import run_eval
@@ -136,8 +137,9 @@ def run_demo(config_path: str = "jobs/demo.yaml", workdir: str = "runs/demo") ->
         d.artefacts["SFT student"], d.artefacts["KD student"] = Path(d.path("runs/sft")), Path(d.path("runs/kd"))
         d.done(t)
 
-        t = d.step("tune: Optuna + ASHA over KD temperature and LoRA rank")
-        _check(run_tune(d.cfg(**{"output_dir": d.path("runs/tune"), "method.kind": "lora", **TUNE_OVERRIDES})), "tune")
+        t = d.step("tune: Optuna + ASHA over KD temperature and LoRA rank (LoRA distillation on top of the SFT student)")
+        _check(run_tune(d.cfg(**{"output_dir": d.path("runs/tune"), "model.path": d.path("runs/sft"), "method.kind": "lora",
+                                 **TUNE_OVERRIDES})), "tune")
         d.artefacts["tune leaderboard"] = Path(d.path("runs/tune/tune/leaderboard.csv"))
         d.done(t)
 
