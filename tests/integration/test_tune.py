@@ -26,7 +26,7 @@ def _base(tmp_path, prepared, model, *extra):
     return load_config(overrides=[
         f"output_dir={tmp_path}", f"data.prepared={prepared}", f"model.path={model}", "method.kind=freeze",
         "train.num_workers=1", "train.strategy=none", "train.batch_size=8", "train.max_steps=12", "train.eval_every=3",
-        "train.checkpoint_every=12", "train.scheduler=constant", "tune.num_samples=4", "tune.grace_period=1",
+        "train.checkpoint_every=12", "train.scheduler=constant", "tune.num_samples=6", "tune.grace_period=1",
         "tune.reduction_factor=2", "tune.max_concurrent_trials=1", *extra,
     ])
 
@@ -39,7 +39,7 @@ def test_search_stops_weak_trials_records_failures_and_best_reproduces(tmp_path,
     assert run_tune(cfg) == 0
     out = tmp_path / "tune"
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert len(rows) == 4
+    assert len(rows) == 6
     statuses = [r["status"] for r in rows]
     assert "failed" in statuses and "trainable_layers" in " ".join(r["error"] for r in rows if r["status"] == "failed")
     assert "stopped early" in statuses
