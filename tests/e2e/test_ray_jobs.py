@@ -86,3 +86,48 @@ def test_autoscaler_adds_a_node_for_a_job_the_head_cannot_fit(tmp_path):
     line = next(l for l in out.splitlines() if l.startswith("NODES"))
     nodes, same = int(line.split()[1]), line.split()[3]
     assert nodes >= 2 and same == "False"
+
+
+@pytest.mark.timeout(900)
+def test_serve_deploy_and_serve_run_onto_a_running_cluster(head, tmp_path, tiny_student):
+    """The two Ray Serve CLI ways of running the app (serve/student.ray.yaml's shape) against a real head."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    app_cfg = tmp_path / "serve.yaml"
+    app_cfg.write_text(yaml.safe_dump({"serve": {"models": [{"path": str(tiny_student), "name": "student"}], "max_model_len": 128}}))
+    ray_cfg = yaml.safe_load((REPO / "serve" / "student.ray.yaml").read_text())
+    ray_cfg["http_options"]["port"] = port
+    ray_cfg["applications"][0]["args"]["config"] = str(app_cfg)
+    ray_yaml = tmp_path / "student.ray.yaml"
+    ray_yaml.write_text(yaml.safe_dump(ray_cfg))
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def answers() -> str:
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(f"{url}/completions", json={"model": "student", "prompt": "Add 1 and 2.", "max_tokens": 4, "temperature": 0}, timeout=60)
+                if r.status_code == 200:
+                    return r.json()["choices"][0]["text"]
+            except httpx.HTTPError:
+                pass
+            time.sleep(3)
+        raise AssertionError(f"no answer from {url} within 420 s")
+
+    try:
+        denied = head.run(str(BIN / "serve"), "deploy", str(ray_yaml), "--address", head.dashboard, auth=False, timeout=120)
+        assert denied.returncode != 0
+        deployed = head.run(str(BIN / "serve"), "deploy", str(ray_yaml), "--address", head.dashboard, timeout=300)
+        assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+        first = answers()
+        # `serve run` of the same config onto the same cluster: the app is already up, so it only
+        # confirms it and returns (non-blocking); the endpoint keeps answering the same way.
+        ran = head.run(str(BIN / "serve"), "run", "--non-blocking", "--address", f"127.0.0.1:{head.gcs_port}", str(ray_yaml),
+                       timeout=420)
+        assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+        assert answers() == first
+    finally:
+        head.run(str(BIN / "serve"), "shutdown", "-y", "--address", head.dashboard, timeout=180)
