@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import transformers, ray, distillery; print('installed distillery', distillery.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
+# Two test processes, one test file each at a time (module fixtures stay whole): most of the
+# suite waits on process start-up (Ray workers, vLLM engines), so two streams overlap well.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit

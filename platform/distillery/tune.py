@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,6 @@ def remove_orphaned_placement_groups() -> int:
 
 def _placement_group_janitor():
     """A Tune callback that runs `remove_orphaned_placement_groups` every couple of seconds."""
-    import time
-
     from ray.tune import Callback
 
     class PlacementGroupJanitor(Callback):
@@ -250,6 +249,10 @@ def run_tune(cfg: Config) -> int:
             flush=True,
         )
         results = build_tuner(cfg).fit()
+        # The last trials' actors end after fit() returns: free what their controllers held.
+        for _ in range(10):
+            time.sleep(0.5)
+            remove_orphaned_placement_groups()
     finally:
         if started:
             import ray
