@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# The prepared-data writer used by the tests, until `distillery prepare` output is available here.
+# The tests' prepared-data writer: the splits `prepare` would write, without a Ray start before the runs.
 sys.path.insert(0, str(REPO / "tests"))
 
 SPEC = dict(arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688)

@@ -316,7 +316,7 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
                 ids[j, :n] = torch.tensor(r["input_ids"])
                 labels[j, :n] = torch.tensor(r["labels"])
                 mask[j, :n] = 1
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             target = labels[:, 1:]
             sel = target != IGNORE_INDEX
             nll += F.cross_entropy(logits[sel], target[sel], reduction="sum").item()

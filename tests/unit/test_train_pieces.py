@@ -11,7 +11,7 @@ from distillery.config import ConfigError, MethodConfig, load_config
 from distillery.models.plan import apply_method
 from distillery.train.collate import collate
 from distillery.train.ewc import EwcPenalty, estimate_fisher
-from distillery.train.loop import lr_lambda
+from distillery.train.loop import lr_lambda, shard_batches
 from distillery.train.objective import CrossEntropyObjective, key_term_mask, key_term_sequences
 
 
@@ -60,6 +60,32 @@ def test_collate_pads_and_masks():
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert list(out["row_id"]) == ["a", "b"]
     assert collate(batch, pad_id=0, max_length=2)["input_ids"].shape == (2, 2)
+
+
+class _Rows:
+    """A shard stand-in over numpy columns: `iter_batches` cuts them like Ray Data (last batch short)."""
+
+    def __init__(self, n: int):
+        self.cols = {"row_id": np.array([f"r{i}" for i in range(n)], dtype=object),
+                     "input_ids": np.array([np.arange(i % 5 + 1) for i in range(n)] + [None], dtype=object)[:n]}
+        self.fetched: list[int] = []
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        n = len(self.cols["row_id"])
+        for start in range(0, n, batch_size):
+            self.fetched.append(min(batch_size, n - start))
+            yield {k: v[start : start + batch_size] for k, v in self.cols.items()}
+
+
+@pytest.mark.parametrize("n", [0, 7, 256, 1000])
+def test_shard_batches_cut_like_iter_batches(n):
+    for bs in (1, 3, 8, 300):
+        shard = _Rows(n)
+        got = [list(b["row_id"]) for b in shard_batches(shard, bs, ["row_id", "input_ids", "missing"])]
+        want = [list(b["row_id"]) for b in _Rows(n).iter_batches(batch_size=bs, batch_format="numpy")]
+        assert got == want
+        assert all(f % bs == 0 for f in shard.fetched[:-1])  # whole micro-batches per fetch
+        assert len(shard.fetched) <= max(1, -(-n // max(bs, 256)) + 1)
 
 
 def test_key_term_mask_marks_each_occurrence():

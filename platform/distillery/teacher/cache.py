@@ -179,7 +179,7 @@ class HFTeacherScorer:
         positions = [target_positions(y) for y in label_rows]
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + r * L for r, p in enumerate(positions)])
         with torch.inference_mode():
-            logits = self.model(input_ids=input_ids, attention_mask=attn).logits
+            logits = self.model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
             sel = logits.reshape(-1, logits.shape[-1]).index_select(0, flat).float()
             del logits
             logp = torch.log_softmax(sel, dim=-1)

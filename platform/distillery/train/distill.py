@@ -179,7 +179,7 @@ class DistillObjective:
         with torch.no_grad():
             out = self.teacher(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=need_hidden, output_attentions=need_attn,
+                output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False,
             )
         return out.logits.float(), out.hidden_states, out.attentions
 
@@ -196,7 +196,7 @@ class DistillObjective:
         fused = self.d.fused_lm_head and self.cfg.train.strategy != "fsdp"
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            output_hidden_states=need_hidden or fused, output_attentions=need_attn,
+            output_hidden_states=need_hidden or fused, output_attentions=need_attn, use_cache=False,
         )
         if fused:
             head = _lm_head(model)
@@ -229,7 +229,7 @@ class DistillObjective:
     @torch.no_grad()
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
         """Sums over target positions: student NLL, and top-1 agreement and KL(teacher‖student) at T = 1."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits, targets = shift(out.logits.float(), batch["labels"])
         sel = targets != IGNORE_INDEX
         n = int(sel.sum())

@@ -54,7 +54,7 @@ def estimate_fisher(model, rows: list[dict], pad_id: int) -> tuple[dict[str, tor
         ids = torch.tensor([row["input_ids"]], dtype=torch.long)
         labels = torch.tensor([row["labels"]], dtype=torch.long)
         model.zero_grad(set_to_none=True)
-        logits = model(input_ids=ids).logits[:, :-1]
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
         loss = F.cross_entropy(logits.float().transpose(1, 2), labels[:, 1:], ignore_index=IGNORE_INDEX)
         loss.backward()
         for n, p in params.items():

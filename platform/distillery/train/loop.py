@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -221,14 +221,32 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+FETCH_ROWS = 256  # rows pulled from the data shard at a time, then cut into micro-batches
+
+
+def shard_batches(shard, batch_size: int, columns: list[str]) -> Iterator[dict[str, Any]]:
+    """The shard's rows in order, as numpy batches of `batch_size` (the last one may be shorter).
+
+    Pulls about FETCH_ROWS rows per `iter_batches` batch and slices them here: each Ray Data batch
+    has a fixed cost (block fetch, Arrow -> numpy) that, at micro-batches of 8 rows, took 15-20% of
+    a small model's training time. The micro-batches are the same as `iter_batches(batch_size)`'s.
+    """
+    fetch = batch_size * max(1, FETCH_ROWS // batch_size)
+    for big in shard.iter_batches(batch_size=fetch, batch_format="numpy"):
+        cols = {k: big[k] for k in columns if k in big}
+        n = len(next(iter(cols.values())))
+        for start in range(0, n, batch_size):
+            yield {k: v[start : start + batch_size] for k, v in cols.items()}
+
+
 def micro_batches(shard, cfg: Config, pad_id: int, state: TrainState, columns: list[str]):
     """Yield (epoch, collated micro-batch) forever, skipping what the restored state already consumed."""
     while True:
         skip = state.micro_in_epoch
-        for i, batch in enumerate(shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy")):
+        for i, batch in enumerate(shard_batches(shard, cfg.train.batch_size, columns)):
             if i < skip:
                 continue
-            yield collate({k: batch[k] for k in columns if k in batch}, pad_id, cfg.data.max_length)
+            yield collate(batch, pad_id, cfg.data.max_length)
         state.epoch += 1
         state.micro_in_epoch = 0
         if cfg.train.max_steps is None and state.epoch >= cfg.train.epochs:
@@ -239,8 +257,8 @@ def evaluate(model, objective, shard, cfg: Config, pad_id: int, device: torch.de
     model.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
-        for batch in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
-            b = _to(collate({k: batch[k] for k in columns if k in batch}, pad_id, cfg.data.max_length), device)
+        for batch in shard_batches(shard, cfg.train.batch_size, columns):
+            b = _to(collate(batch, pad_id, cfg.data.max_length), device)
             for k, v in objective.evaluate(model, b).items():
                 sums[k] = sums.get(k, 0.0) + v
     model.train()

@@ -82,7 +82,7 @@ class CrossEntropyObjective:
         return torch.where(hit, self.key_weight, 1.0)
 
     def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits, targets = shift(logits, batch["labels"])
         nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         valid = (targets != IGNORE_INDEX).float()
@@ -101,7 +101,7 @@ class CrossEntropyObjective:
 
     @torch.no_grad()
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         logits, targets = shift(logits, batch["labels"])
         nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
         return {"nll": nll.item(), "tokens": float((targets != IGNORE_INDEX).sum().item())}
