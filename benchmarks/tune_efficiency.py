@@ -37,7 +37,8 @@ def build_workspace(root: Path, steps: int) -> Path:
         "distill": {"teacher_mode": "cached", "top_k": 16},
         "train": {"num_workers": 1, "strategy": "none", "batch_size": 16, "max_steps": steps,
                   "eval_every": max(1, steps // 6), "lr": 3e-3},
-        "tune": {"num_samples": 8, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2,
+        # ASHA as Ray ships it (grace period 1 report, reduction factor 4); reports every steps/6.
+        "tune": {"num_samples": 8, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 4,
                  "search_space": {"distill.temperature": {"uniform": [1.0, 6.0]},
                                   "distill.alpha": {"uniform": [0.2, 0.9]},
                                   "train.lr": {"loguniform": [1e-4, 3e-2]}}},
