@@ -22,9 +22,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # One test process by default. TEST_WORKERS=2 runs two, a test file each at a time (module
-# fixtures stay whole), but on 2 cores it is no faster, and two local Ray clusters on one machine
+# fixtures stay whole), about 20% faster on 2 cores, but two local Ray clusters on one machine
 # confuse Ray Train's placement-group cleaner: its state-API lookup can find the other cluster,
-# miss its own controller there, and remove a live run's placement group.
+# miss its own controller there, and remove a live run's placement group (a flaky tune test).
 TEST_WORKERS ?= 1
 
 test: install
