@@ -30,9 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-# A student-sized model (~25M parameters): big enough that decoding, not Python, is the work.
-SPEC = dict(arch="llama", layers=8, hidden=512, heads=8, kv_heads=4, intermediate=1536, max_position=512)
-MAX_LEN = 256
+MAX_POSITION = 512
+MAX_LEN = 256  # the engines' context: prompt plus answer
+
+
+def model_spec(layers: int, hidden: int) -> dict:
+    """A Llama whose heads (64 wide, half as many KV heads) and MLP (3x) scale with `hidden`."""
+    return dict(arch="llama", layers=layers, hidden=hidden, heads=hidden // 64, kv_heads=max(1, hidden // 128),
+                intermediate=3 * hidden, max_position=MAX_POSITION)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -149,11 +154,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--hf-requests", type=int, default=8)
     ap.add_argument("--waves", type=int, default=4, help="requests per concurrency level = waves x concurrency")
-    ap.add_argument("--layers", type=int, default=SPEC["layers"])
-    ap.add_argument("--hidden", type=int, default=SPEC["hidden"], help="hidden size; heads and MLP width scale with it")
+    # The default is student-sized (~26M parameters): big enough that decoding, not Python, is the work.
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size; heads and MLP width scale with it")
     args = ap.parse_args()
-    spec = {**SPEC, "layers": args.layers, "hidden": args.hidden, "heads": args.hidden // 64,
-            "kv_heads": max(1, args.hidden // 128), "intermediate": 3 * args.hidden}
+    spec = model_spec(args.layers, args.hidden)
     levels = [1, 8, 32]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

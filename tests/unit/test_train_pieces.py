@@ -66,8 +66,9 @@ class _Rows:
     """A shard stand-in over numpy columns: `iter_batches` cuts them like Ray Data (last batch short)."""
 
     def __init__(self, n: int):
-        self.cols = {"row_id": np.array([f"r{i}" for i in range(n)], dtype=object),
-                     "input_ids": np.array([np.arange(i % 5 + 1) for i in range(n)] + [None], dtype=object)[:n]}
+        ids = np.empty(n, dtype=object)  # ragged rows, as Ray Data hands list columns over
+        ids[:] = [np.arange(i % 5 + 1) for i in range(n)]
+        self.cols = {"row_id": np.array([f"r{i}" for i in range(n)], dtype=object), "input_ids": ids}
         self.fetched: list[int] = []
 
     def iter_batches(self, batch_size: int, batch_format: str):
