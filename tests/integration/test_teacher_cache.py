@@ -32,10 +32,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 def cached(tmp_path_factory, demo_corpus, tiny_teacher):
     """A prepared dir and its cache with top_k = the whole vocabulary (512) in float32, so the
     same cache checks both the top-k against a direct forward and sparse == dense."""
-    prepared = write_prepared(tmp_path_factory.mktemp("kd") / "prepared", demo_corpus["train"], tiny_teacher, n_train=12, n_val=4)
+    prepared = write_prepared(tmp_path_factory.mktemp("kd") / "prepared", demo_corpus["train"], tiny_teacher, n_train=60, n_val=4)
     cfg = load_config(None, [
         f"data.prepared={prepared}", f"model.teacher={tiny_teacher}", "distill.top_k=512",
-        "distill.cache_backend=hf", "distill.cache_dtype=float32", "distill.cache_batch_size=5",
+        "distill.cache_backend=hf", "distill.cache_dtype=float32", "distill.cache_batch_size=3", "distill.cache_actors=2",
     ])
     assert run_cache_teacher(cfg) == 0
     return cfg, prepared
@@ -51,11 +51,12 @@ def test_cache_matches_direct_teacher_forward(cached, tiny_teacher):
     assert manifest["fingerprint"] == json.loads((prepared / "manifest.json").read_text())["fingerprint"]
     assert manifest["top_k"] == 512 and manifest["vocab_size"] == 512 and manifest["dtype"] == "float32"
     assert manifest["raw_bytes_per_token"] == 512 * 8 + 4 and manifest["disk_bytes_per_token"] > 0
-    assert set(manifest["splits"]) == {"train", "val"} and manifest["rows"] == 16
+    assert set(manifest["splits"]) == {"train", "val"} and manifest["rows"] == 64
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
-    for split, n in (("train", 12), ("val", 4)):
+    for split, n in (("train", 60), ("val", 4)):
         rows = _rows(f"{cfg.teacher_cache_dir}/{split}")
         source = {r["row_id"]: r for r in _rows(prepared / split)}
+        assert [r["row_id"] for r in rows] == [r["row_id"] for r in _rows(prepared / split)]  # the prepared order
         assert len(rows) == n
         for row in rows:
             for col, value in source[row["row_id"]].items():  # every prepared column carried unchanged
@@ -123,11 +124,10 @@ def test_vllm_backend_agrees_with_the_hf_forward(cached, tmp_path):
     assert run_cache_teacher(vcfg) == 0
     assert json.loads((tmp_path / "vllm-cache" / CACHE_MANIFEST).read_text())["backend"] == "vllm"
     for split in ("train", "val"):
-        full = {r["row_id"]: r for r in _rows(f"{cfg.teacher_cache_dir}/{split}")}  # HF, whole vocabulary
+        full = _rows(f"{cfg.teacher_cache_dir}/{split}")  # HF, whole vocabulary
         rows = _rows(tmp_path / "vllm-cache" / split)
-        assert len(rows) == len(full)
-        for row in rows:
-            ref = full[row["row_id"]]
+        assert [r["row_id"] for r in rows] == [r["row_id"] for r in full]  # both in the prepared order
+        for row, ref in zip(rows, full):
             checked = 0
             for ids, lps, tail, ref_ids, ref_lps in zip(row[IDS_COL], row[LOGPROBS_COL], row[TAIL_COL], ref[IDS_COL], ref[LOGPROBS_COL]):
                 assert len(ids) == (16 if ref_ids else 0)

@@ -41,12 +41,13 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, split_dir
 
 CACHE_MANIFEST = "cache_manifest.json"
-SPLIT_COL = "cache_split"  # partition column while the splits are scored together; not stored
+SPLIT_COL = "cache_split"  # which split a row belongs to while the splits are scored together; not stored
 IDS_COL = "teacher_topk_ids"
 LOGPROBS_COL = "teacher_topk_logprobs"
 TAIL_COL = "teacher_tail_logprob"
@@ -356,6 +357,28 @@ def _count_positions(d: str) -> tuple[int, int]:
     return rows, positions
 
 
+class OrderedSplitSink(Datasink):
+    """Writes each block's rows to `<path>/<split>/part-<task>-<block>.parquet`, split by SPLIT_COL
+    (dropped), in the block's row order. Ray's `write_parquet` goes through pyarrow's threaded
+    `write_dataset`, which may reorder row batches within a file; here file names sort in dataset
+    order (task index, then block) and each file keeps its rows in order."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, blocks, ctx) -> None:
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+        from ray.data.block import BlockAccessor
+
+        for n, block in enumerate(blocks):
+            table = BlockAccessor.for_block(block).to_arrow()
+            for split in pc.unique(table[SPLIT_COL]).to_pylist():
+                part = table.filter(pc.equal(table[SPLIT_COL], split)).drop_columns([SPLIT_COL])
+                os.makedirs(os.path.join(self.path, split), exist_ok=True)
+                pq.write_table(part, os.path.join(self.path, split, f"part-{ctx.task_idx:06d}-{n:04d}.parquet"))
+
+
 def _install(tmp: str, final: str) -> None:
     """Replace `final` by the finished `tmp` directory with renames, so readers never see half a cache."""
     old = None
@@ -432,11 +455,12 @@ def run_cache_teacher(cfg: Config) -> int:
             concurrency=cfg.distill.cache_actors,
             num_cpus=1,
         )
-        out.write_parquet(os.path.join(tmp, "all"), partition_cols=[SPLIT_COL])
+        # Rows keep the prepared split's order (blocks reach the write tasks in order, the sink
+        # names files by task), so a cached run trains on the same batches as an online one.
+        out.context.execution_options.preserve_order = True
+        out.write_datasink(OrderedSplitSink(tmp))
         for split in splits:
-            written = os.path.join(tmp, "all", f"{SPLIT_COL}={split}")
-            os.makedirs(written, exist_ok=True)  # a split with no rows writes no partition
-            os.replace(written, os.path.join(tmp, split))
+            os.makedirs(os.path.join(tmp, split), exist_ok=True)  # a split with no rows writes no file
             rows, positions = _count_positions(os.path.join(tmp, split))
             cache_bytes = _dir_bytes(os.path.join(tmp, split))
             data_bytes = _dir_bytes(split_dir(prepared, split))
@@ -447,7 +471,6 @@ def run_cache_teacher(cfg: Config) -> int:
                 "teacher_bytes_per_token": round((cache_bytes - data_bytes) / max(positions, 1), 1),
             }
             print(f"cache-teacher: {split}: {rows} rows, {positions} positions, {per_split[split]['teacher_bytes_per_token']} B/token on disk", flush=True)
-        shutil.rmtree(os.path.join(tmp, "all"))
     finally:
         if started_ray:
             ray.shutdown()
