@@ -155,24 +155,37 @@ def build_tuner(cfg: Config):
     )
 
 
+def trial_statuses(results) -> dict[str, str]:
+    """Trial id -> Tune's status as saved in the search state: TERMINATED, ERROR, or PENDING /
+    PAUSED for a trial an interrupted search left unfinished (what a re-run resumes). Read from disk:
+    on Ctrl-C Tune saves the state, then stops the running trials in memory as if they had ended."""
+    from ray.tune import ExperimentAnalysis
+
+    return {t.trial_id: t.status for t in ExperimentAnalysis(results.experiment_path).trials}
+
+
 def leaderboard_rows(cfg: Config, results) -> list[dict[str, Any]]:
     """One row per trial: params, best metric, evaluations and steps run, status, error."""
     tc = cfg.tune
     keys = list(tc.search_space)
-    full = reports_per_trial(cfg)
+    statuses = trial_statuses(results)
     rows = []
     for r in results:
         hist = r.metrics_dataframe
         metric_values = hist[tc.metric].dropna().tolist() if hist is not None and tc.metric in hist else []
         best = (min if tc.mode == "min" else max)(metric_values) if metric_values else None
-        iters = int(hist["training_iteration"].max()) if hist is not None and "training_iteration" in hist else 0
-        steps = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
+        has_steps = hist is not None and "step" in hist and len(hist)
+        # Evaluations by distinct step: a resumed trial restarts Tune's iteration count.
+        iters = int(hist.dropna(subset=[tc.metric])["step"].nunique()) if has_steps and tc.metric in hist else 0
+        steps = int(hist["step"].max()) if has_steps else 0
         if r.error:
             status = "failed"
-        elif iters < full:
-            status = "stopped early"
-        else:
+        elif statuses.get(_trial_id(r), "TERMINATED") not in ("TERMINATED", "ERROR"):
+            status = "unfinished"
+        elif (r.metrics or {}).get("finished"):  # the training loop's last report: it ran to its end
             status = "completed"
+        else:
+            status = "stopped early"
         params = {k: (r.config or {}).get(k) for k in keys}
         rows.append(
             {
@@ -261,6 +274,15 @@ def run_tune(cfg: Config) -> int:
     rows = leaderboard_rows(cfg, results)
     _write_csv(out / "leaderboard.csv", rows)
     write_plots(cfg, results, rows, out)
+    unfinished = sum(r["status"] == "unfinished" for r in rows) + max(0, cfg.tune.num_samples - len(rows))
+    if unfinished:
+        # Ctrl-C (SIGINT) ends `fit()` early with the search state saved; no best config yet.
+        print(
+            f"tune: interrupted with {unfinished} of {cfg.tune.num_samples} trials unfinished; "
+            f"leaderboard so far in {out / 'leaderboard.csv'}. Re-run the same command to resume.",
+            flush=True,
+        )
+        return 130
     ok = [r for r in rows if r[cfg.tune.metric] is not None and r["status"] != "failed"]
     if not ok:
         print(f"tune: no trial reported {cfg.tune.metric}; see {out / 'leaderboard.csv'}", flush=True)

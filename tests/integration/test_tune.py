@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import time
 
 import pytest
 import ray
+
+from ray_head import BIN
 
 from distillery.config import ConfigError, load_config
 from distillery.train.finetune import run_finetune
@@ -61,6 +67,52 @@ def test_search_stops_weak_trials_records_failures_and_best_reproduces(tmp_path,
     assert (out / "best" / "model").is_dir()
 
 
+@pytest.mark.timeout(1200)
+def test_interrupted_search_resumes(tmp_path, prepared_tiny, tiny_teacher, capfd):
+    """Ctrl-C saves the search (exit 130); the same command resumes it: the finished trial is kept,
+    the interrupted one continues from its last checkpoint."""
+    cfg = _base(tmp_path, prepared_tiny, tiny_teacher, "tune.num_samples=2", "tune.searcher=random", "tune.scheduler=fifo",
+                "train.checkpoint_every=3", "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}}")
+    path = tmp_path / "tune.yaml"
+    path.write_text(cfg.to_yaml())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # the command starts its own Ray
+    proc = subprocess.Popen([str(BIN / "distillery"), "tune", str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    trials = tmp_path / "tune" / "trials"
+
+    def second_trial_log():
+        logs = sorted(trials.glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
+        return logs[1] if len(logs) > 1 else None
+
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline and proc.poll() is None:
+        log = second_trial_log()  # one trial at a time: the first has finished when the second logs
+        if log and any(json.loads(l).get("step", 0) >= 4 for l in log.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 130, output[-3000:]
+    assert "Re-run the same command to resume" in output
+    first = [r for r in csv.DictReader(open(tmp_path / "tune" / "leaderboard.csv"))]
+    assert [r["status"] for r in first].count("completed") == 1 and "unfinished" in [r["status"] for r in first]
+    done_id = next(r["trial_id"] for r in first if r["status"] == "completed")
+    done_log = (trials / done_id / "metrics.jsonl").read_text()
+    cut_id = next(r["trial_id"] for r in first if r["status"] == "unfinished")
+    cut_lines = (trials / cut_id / "metrics.jsonl").read_text().splitlines()
+
+    capfd.readouterr()
+    assert run_tune(load_config(path)) == 0
+    assert "resuming the search" in capfd.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "leaderboard.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" and int(r["steps"]) == 12 for r in rows)
+    assert (trials / done_id / "metrics.jsonl").read_text() == done_log  # not run again
+    resumed = (trials / cut_id / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(l)["step"] for l in resumed if "loss" in json.loads(l)]
+    assert steps == list(range(1, 13))
+    assert resumed[:3] == cut_lines[:3]  # steps 1-3 (the checkpoint at 3) kept, with their timestamps
+
+
 def test_unknown_key_fails_before_any_trial(tmp_path, prepared_tiny, tiny_teacher):
     cfg = _base(tmp_path, prepared_tiny, tiny_teacher, "tune.search_space={distill.temprature: {uniform: [1, 2]}}")
     with pytest.raises(ConfigError, match="distill.temprature"):
@@ -86,8 +138,6 @@ def test_placement_group_of_a_killed_owner_is_removed():
     remove_orphaned_placement_groups()
     assert placement_group_table()[pg_id]["state"] == "CREATED"  # its owner is alive: left alone
     ray.kill(owner)
-    import time
-
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and placement_group_table().get(pg_id, {}).get("state") != "REMOVED":
         remove_orphaned_placement_groups()

@@ -432,6 +432,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if evaluated_at != state.step:
         run_eval()
     export_model(model, tokenizer, cfg, rank, plan)
-    report({"done": 1}, with_checkpoint=True)
+    report({"finished": 1}, with_checkpoint=True)  # not "done": Tune sets that on trials it stops too
     if rank == 0:
         say(f"[{stage}] done at step {state.step}: model in {os.path.join(cfg.output_dir, 'model')}")
