@@ -21,11 +21,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import transformers, ray, distillery; print('installed distillery', distillery.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 	touch $@
 
-# One test process by default. TEST_WORKERS=2 runs two, a test file each at a time (module
-# fixtures stay whole), about 20% faster on 2 cores, but two local Ray clusters on one machine
-# confuse Ray Train's placement-group cleaner: its state-API lookup can find the other cluster,
-# miss its own controller there, and remove a live run's placement group (a flaky tune test).
-TEST_WORKERS ?= 1
+# Two test processes, a test file each at a time (module fixtures stay whole): about 20% faster
+# on 2 cores. tests/conftest.py gives each its own Ray temp dir so their clusters stay apart.
+TEST_WORKERS ?= 2
 
 test: install
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests

@@ -9,6 +9,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist each test process gets its own Ray temp dir. Ray's "latest cluster" lookup
+# (`<temp dir>/ray/ray_current_cluster`, written by `ray start` and `ray.cluster_utils.Cluster`)
+# is what the state API inside Ray Train's placement-group cleaner uses; shared, it can find the
+# other process's cluster, miss its own controller there and remove a live run's placement group.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"ray-{os.environ['PYTEST_XDIST_WORKER']}")
+    os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
+
 # vLLM on CPU reserves this many GiB of KV cache per engine; the tiny test models need little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
