@@ -12,7 +12,11 @@ teacher logits, for every vocabulary size V and number of positions N = B·T (ro
 
   * forward_kl at T = 1: `distill_loss` (chunked, each `--chunk-sizes`) vs `naive_distill_loss`;
   * jsd with beta 0.5 at T = 1: the same two vs TRL's `GKDTrainer.generalized_jsd_loss`
-    (what GKD trains with; given the shifted logits and labels it expects).
+    (what GKD trains with; given the shifted logits and labels it expects);
+  * both kinds fused (`distill.fused_lm_head`): from student hidden states (H = 256) and an lm_head
+    weight (V, H), both requiring grad, the naive form computing the full logits first. No N·V
+    tensor exists in the fused form, so there is no floor: its peak is the chunk's temporaries
+    plus the lm_head gradient (V·H·4 bytes), which the naive form has too.
 
 alpha is 1 (pure KD); distillery still computes its CE term for logging, TRL has none.
 The losses must agree in value: the table prints the largest absolute difference to the chunked
@@ -49,6 +53,7 @@ import sys
 from train_throughput import write_result  # same directory
 
 ROW = 512  # positions per row: N = B·ROW
+HIDDEN = 256  # student hidden size of the fused (lm_head inside the loss) variants
 FULL_VOCAB_TENSORS = 17  # N·V float32 tensors at the TRL peak: 14 measured + the 2 inputs + margin
 
 
@@ -75,19 +80,24 @@ def measure(variant: str, kind: str, vocab: int, positions: int, chunk: int, rep
 
     torch.set_num_threads(threads)
     s, t, labels = inputs(vocab, positions)
+    head = None
+    if variant in ("naive_fused", "fused"):  # student hidden states + lm_head instead of logits
+        s, head = hidden_inputs(vocab, positions)
     if variant == "trl":
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
         def loss_fn():
             return GKDTrainer.generalized_jsd_loss(s[:, :-1], t[:, :-1], labels[:, 1:], beta=0.5, temperature=1.0)
     else:
-        fn = naive_distill_loss if variant == "naive" else distill_loss
+        fn = naive_distill_loss if variant.startswith("naive") else distill_loss
 
         def loss_fn():
-            return fn(s, t, labels, kind=kind, temperature=1.0, alpha=1.0, beta=0.5, chunk_size=chunk).loss
+            return fn(s, t, labels, kind=kind, temperature=1.0, alpha=1.0, beta=0.5, chunk_size=chunk, lm_head_weight=head).loss
 
     def once() -> tuple[float, float, float]:
         s.grad = None
+        if head is not None:
+            head.grad = None
         gc.collect()
         c0, w0 = time.process_time(), time.perf_counter()
         loss = loss_fn()
@@ -122,6 +132,16 @@ def inputs(vocab: int, positions: int, seed: int = 0):
     labels = torch.randint(0, vocab, (rows, width), generator=g)
     labels[:, : min(32, width // 4)] = -100
     return s, t, labels
+
+
+def hidden_inputs(vocab: int, positions: int, seed: int = 2):
+    """Student final hidden states (B, ROW, HIDDEN) and lm_head weight (V, HIDDEN), both requiring grad."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(max(positions // ROW, 1), min(positions, ROW), HIDDEN, generator=g).requires_grad_()
+    w = (torch.randn(vocab, HIDDEN, generator=g) * 2 / HIDDEN**0.5).requires_grad_()
+    return h, w
 
 
 def run_variant(variant: str, kind: str, vocab: int, positions: int, chunk: int, reps: int, threads: int) -> dict:
@@ -208,6 +228,8 @@ def main() -> int:
 
     variants = [("forward_kl", "naive", 0)] + [("forward_kl", "chunked", c) for c in chunks]
     variants += [("jsd", "naive", 0), ("jsd", "trl", 0)] + [("jsd", "chunked", c) for c in chunks]
+    for kind in ("forward_kl", "jsd"):  # distill.fused_lm_head: from hidden states, lm_head included on both sides
+        variants += [(kind, "naive_fused", 0)] + [(kind, "fused", c) for c in chunks]
     for cell in cells:
         v, n = cell["vocab"], cell["positions_used"]
         if cell["positions_used"] != cell["positions"]:
@@ -236,8 +258,8 @@ def main() -> int:
 
 def print_tables(cells: list[dict], chunks: list[int], grads: dict[str, float]) -> None:
     """Per cell and chunk size: chunked peak and time as ratios against naive and TRL, and value agreement."""
-    print(f"\n{'V':>7} {'N':>6} {'chunk':>6} {'loss':<11} {'floor':>6} {'peak MiB':>9} {'vs naive':>14} {'vs TRL':>14} {'max |Δloss|':>12}")
-    print(f"{'':>7} {'':>6} {'':>6} {'':<11} {'MiB':>6} {'chunked':>9} {'mem↓ / time':>14} {'mem↓ / time':>14}")
+    print(f"\n{'V':>7} {'N':>6} {'chunk':>6} {'loss':<16} {'floor':>6} {'peak MiB':>9} {'vs naive':>14} {'vs TRL':>14} {'max |Δloss|':>12}")
+    print(f"{'':>7} {'':>6} {'':>6} {'':<16} {'MiB':>6} {'chunked':>9} {'mem↓ / time':>14} {'mem↓ / time':>14}")
     for cell in cells:
         if "results" not in cell:
             continue
@@ -245,17 +267,22 @@ def print_tables(cells: list[dict], chunks: list[int], grads: dict[str, float]) 
         cell["ratios"] = {}
         cell["gradient_mib"] = cell["vocab"] * cell["positions_used"] * 4 / 2**20
         for c in chunks:
-            for kind in ("forward_kl", "jsd"):
-                ours, naive, trl = res[f"{kind} chunked c={c}"], res[f"{kind} naive"], res.get(f"{kind} trl")
+            for kind in ("forward_kl", "jsd", "forward_kl fused", "jsd fused"):
+                base, fused = kind.split()[0], kind.endswith("fused")
+                ours = res[f"{base} fused c={c}"] if fused else res[f"{kind} chunked c={c}"]
+                naive = res[f"{base} naive_fused"] if fused else res[f"{kind} naive"]
+                trl = None if fused else res.get(f"{kind} trl")
                 r = {"peak_reduction_vs_naive": naive["peak_mib"] / ours["peak_mib"], "time_vs_naive": ours["cpu_s"] / naive["cpu_s"],
                      "max_abs_loss_diff": max(abs(ours["loss"] - x["loss"]) for x in (naive, trl) if x)}
                 if trl:
                     r.update(peak_reduction_vs_trl=trl["peak_mib"] / ours["peak_mib"], time_vs_trl=ours["cpu_s"] / trl["cpu_s"])
                 cell["ratios"][f"{kind} c={c}"] = r
                 vs_trl = f"{r['peak_reduction_vs_trl']:5.1f}x / {r['time_vs_trl']:4.2f}x" if trl else "-"
-                print(f"{cell['vocab']:>7} {cell['positions_used']:>6} {c:>6} {kind:<11} {cell['gradient_mib']:>6.0f} {ours['peak_mib']:>9.0f} "
+                floor = cell["gradient_mib"] if not fused else 0.0
+                print(f"{cell['vocab']:>7} {cell['positions_used']:>6} {c:>6} {kind:<16} {floor:>6.0f} {ours['peak_mib']:>9.0f} "
                       f"{r['peak_reduction_vs_naive']:5.1f}x / {r['time_vs_naive']:4.2f}x {vs_trl:>14} {r['max_abs_loss_diff']:>12.2e}")
-    print("\nfloor: the student-logit gradient every form returns (N·V·4 bytes), part of every peak")
+    print("\nfloor: the student-logit gradient every form from logits returns (N·V·4 bytes), part of every peak;")
+    print(f"  fused (distill.fused_lm_head): from hidden states (H={HIDDEN}) + lm_head, which both sides include; no N·V floor")
     print("mem↓: naive (or TRL) peak / chunked peak (target >= 4x); time: chunked CPU s / theirs (target <= 1.2x)")
     print("gradient max |Δ| (V=4096, N=1024): " + ", ".join(f"{k} {v:.1e}" for k, v in grads.items()))
 

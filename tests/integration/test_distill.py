@@ -80,6 +80,16 @@ def test_cached_with_full_vocabulary_equals_online(prepared_tiny, trained_teache
         ea, eb = online.evaluate(student, batch), cached.evaluate(student, batch)
         assert ea["teacher_top1_agreement"] == eb["teacher_top1_agreement"]
         assert ea["teacher_kl"] == pytest.approx(eb["teacher_kl"], rel=1e-4)
+    # distill.fused_lm_head: logits per chunk from the hidden states, same loss and gradient.
+    grads = []
+    for fused in ("false", "true"):
+        objective = DistillObjective(load_config(overrides=base + ["distill.loss=jsd", f"distill.fused_lm_head={fused}"]), None, student, torch.device("cpu"))
+        student.zero_grad()
+        loss, _ = objective(student, batch)
+        loss.backward()
+        grads.append((loss.item(), student.lm_head.weight.grad.clone(), student.model.embed_tokens.weight.grad.clone()))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grads[0][1:], grads[1][1:]))
 
 
 @pytest.mark.timeout(1200)

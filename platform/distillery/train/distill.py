@@ -194,9 +194,12 @@ class DistillObjective:
         if self.d.entropy_weighting:
             alpha = entropy_kd_weight(teacher_entropy(teacher, batch["labels"], self.d.chunk_size), self.vocab, alpha)
         fused = self.d.fused_lm_head and self.cfg.train.strategy != "fsdp"
+        # Fused, the loss forms logits chunk by chunk from the hidden states; `logits_to_keep=1` stops
+        # the model from also forming the full (B, T, V) logits it would otherwise return.
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             output_hidden_states=need_hidden or fused, output_attentions=need_attn, use_cache=False,
+            **({"logits_to_keep": 1} if fused else {}),
         )
         if fused:
             head = _lm_head(model)
