@@ -89,6 +89,27 @@ def test_shard_batches_cut_like_iter_batches(n):
         assert len(shard.fetched) <= max(1, -(-n // max(bs, 256)) + 1)
 
 
+def test_validation_batches_replay_a_small_shard_and_stream_a_large_one(monkeypatch):
+    import torch
+
+    from distillery.train import loop
+
+    cpu = torch.device("cpu")
+    small = _Rows(40)
+    batches = loop.ValidationBatches(small, 8, ["row_id", "input_ids"])
+    first = [list(b["row_id"]) for b in batches]
+    batches.settle(cpu)
+    assert [list(b["row_id"]) for b in batches] == first and len(first) == 5
+    assert len(small.fetched) == 1  # read once, replayed after
+    monkeypatch.setattr(loop, "VAL_KEEP_BYTES", 100)
+    large = _Rows(40)
+    batches = loop.ValidationBatches(large, 8, ["row_id", "input_ids"])
+    for _ in range(2):
+        assert [list(b["row_id"]) for b in batches] == first
+        batches.settle(cpu)
+    assert batches.kept is None and len(large.fetched) == 2  # over the limit: streamed each time
+
+
 def test_key_term_mask_marks_each_occurrence():
     ids = torch.tensor([[1, 2, 3, 4, 2, 3], [9, 9, 9, 9, 9, 2]])
     mask = key_term_mask(ids, [[2, 3]])

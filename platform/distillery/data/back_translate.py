@@ -1,6 +1,6 @@
 """Back-translation as Ray Data batch inference: text -> pivot language -> back, through a local model.
 
-`BackTranslator` is a callable class for `Dataset.map_batches(..., concurrency=n)`: each actor
+`BackTranslator` is a callable class for `Dataset.map_batches(..., compute=ray.data.ActorPoolStrategy(size=n))`: each actor
 loads the model once and translates whole batches. It uses vLLM when it is importable and a GPU
 is visible (continuous batching); on CPU, Hugging Face `generate` is faster for the small batches
 augmentation sends, and needs no engine start-up. Only user turns (or plain text) are translated,

@@ -588,7 +588,7 @@ def prepare(cfg: Config, log=None) -> dict:
 
         bt = aug.back_translate
         translated = (staged.map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
-                      .map_batches(BackTranslator, batch_size=16, concurrency=1, num_cpus=1, batch_format="numpy",
+                      .map_batches(BackTranslator, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_format="numpy",
                                    fn_constructor_kwargs={"model": bt.model, "pivot_prompt": bt.pivot_prompt,
                                                           "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens})
                       .map_batches(finalize_translated, batch_format="pyarrow", fn_kwargs={"ctx": ctx}))

@@ -452,7 +452,7 @@ def run_cache_teacher(cfg: Config) -> int:
             fn_constructor_kwargs=kwargs,
             batch_size=cfg.distill.cache_batch_size,
             batch_format="pyarrow",
-            concurrency=cfg.distill.cache_actors,
+            compute=ray.data.ActorPoolStrategy(size=cfg.distill.cache_actors),
             num_cpus=1,
         )
         # Rows keep the prepared split's order (blocks reach the write tasks in order, the sink

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -253,14 +254,61 @@ def micro_batches(shard, cfg: Config, pad_id: int, state: TrainState, columns: l
             return
 
 
-def evaluate(model, objective, shard, cfg: Config, pad_id: int, device: torch.device, columns: list[str]) -> dict[str, float]:
+VAL_KEEP_BYTES = 256 * 2**20  # a validation shard up to this size (per worker) is read once and kept
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes held by a numpy column value, nested object arrays (list columns) included."""
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes) if value.dtype != object else sum(_nbytes(v) for v in value)
+    return 8
+
+
+class ValidationBatches:
+    """The validation shard's micro-batches. The first pass streams them from Ray Data and keeps them
+    when every worker's shard is under VAL_KEEP_BYTES; later evaluations replay them from memory.
+    Each pass over a streaming shard starts a Dataset execution (seconds): with frequent evaluations
+    (ASHA rungs, small `eval_every`) that cost more than evaluating. Every worker decides the same
+    (an all-reduce), since the shards of one split must be iterated together."""
+
+    def __init__(self, shard, batch_size: int, columns: list[str]):
+        self.shard, self.batch_size, self.columns = shard, batch_size, columns
+        self.kept: list[dict[str, Any]] | None = None
+        self._pending: list[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.kept is not None:
+            yield from self.kept
+            return
+        pending: list[dict[str, Any]] | None = []
+        size = 0
+        for batch in shard_batches(self.shard, self.batch_size, self.columns):
+            if pending is not None:
+                size += sum(_nbytes(v) for v in batch.values())
+                if size <= VAL_KEEP_BYTES:
+                    pending.append(batch)
+                else:
+                    pending = None
+            yield batch
+        self._pending = pending
+
+    def settle(self, device: torch.device) -> None:
+        """After a full pass: keep the batches if no worker's shard went over the limit."""
+        if self.kept is None:
+            over = all_reduce_sums({"over": float(self._pending is None)}, device)["over"]
+            self.kept = self._pending if over == 0 else None
+            self._pending = None
+
+
+def evaluate(model, objective, batches: ValidationBatches, cfg: Config, pad_id: int, device: torch.device) -> dict[str, float]:
     model.eval()
     sums: dict[str, float] = {}
     with torch.no_grad():
-        for batch in shard_batches(shard, cfg.train.batch_size, columns):
+        for batch in batches:
             b = _to(collate(batch, pad_id, cfg.data.max_length), device)
             for k, v in objective.evaluate(model, b).items():
                 sums[k] = sums.get(k, 0.0) + v
+    batches.settle(device)
     model.train()
     return finish_eval(all_reduce_sums(sums, device))
 
@@ -329,13 +377,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     columns = objective.columns()
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    val_batches = ValidationBatches(ray.train.get_dataset_shard("val"), cfg.train.batch_size, columns)
     accum = cfg.train.grad_accum
     stream = micro_batches(train_shard, cfg, tokenizer.pad_token_id, state, columns)
     plan_metrics = {"trainable_parameters": plan.trainable, "total_parameters": plan.total, "trainable_fraction": plan.fraction}
 
     def run_eval() -> None:
-        val = evaluate(model, objective, val_shard, cfg, tokenizer.pad_token_id, device, columns)
+        val = evaluate(model, objective, val_batches, cfg, tokenizer.pad_token_id, device)
         state.last_val = val
         log.write({"step": state.step, **val})
         if rank == 0:
