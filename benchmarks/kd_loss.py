@@ -3,9 +3,10 @@
     PYTHONPATH=platform python benchmarks/kd_loss.py [--vocab 32768,131072] [--positions 2048,8192]
         [--chunk-sizes 256,1024] [--max-gib 8] [--reps 2] [--threads 1]
 
-The chunked form runs at distill.chunk_size (config.py) unless `--chunk-sizes` lists others; the
-256 default was chosen from `--chunk-sizes 256,1024`: 1.6-3.7x less peak memory than 1024, 10-18%
-less time for forward_kl and within 4% for jsd.
+The chunked form runs at distill.chunk_size's default (`losses.default_chunk_size`: 2^23 / V
+positions, 256 at a 32k vocabulary and 64 at 128k, so a chunk's tensors stay 32 MiB) unless
+`--chunk-sizes` lists others. At 32k, 256 measured 1.6-3.7x less peak memory than 1024, 10-18% less
+time for forward_kl and within 4% for jsd.
 
 One forward and backward of the loss from (B, T, V) student logits (float32, requires grad) and
 teacher logits, for every vocabulary size V and number of positions N = B·T (rows of 512):
@@ -92,7 +93,7 @@ def measure(variant: str, kind: str, vocab: int, positions: int, chunk: int, rep
         fn = naive_distill_loss if variant.startswith("naive") else distill_loss
 
         def loss_fn():
-            return fn(s, t, labels, kind=kind, temperature=1.0, alpha=1.0, beta=0.5, chunk_size=chunk, lm_head_weight=head).loss
+            return fn(s, t, labels, kind=kind, temperature=1.0, alpha=1.0, beta=0.5, chunk_size=chunk or None, lm_head_weight=head).loss
 
     def once() -> tuple[float, float, float]:
         s.grad = None
@@ -191,10 +192,11 @@ def fit(vocab: int, positions: int, max_gib: float) -> int:
     return n
 
 
-def default_chunk() -> int:
-    from distillery.config import DistillConfig
+def chunk_label(chunk: int | None, vocab: int) -> str:
+    """The chunk size a variant ran at: given, or the default for this vocabulary."""
+    from distillery.losses import default_chunk_size
 
-    return int(DistillConfig.model_fields["chunk_size"].default)
+    return str(chunk) if chunk else f"{default_chunk_size(vocab)}*"
 
 
 def main() -> int:
@@ -215,14 +217,14 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    chunks = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [default_chunk()]
+    chunks = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [0]  # 0: the default per vocabulary
     cells, seen = [], {}
     for v in (int(x) for x in args.vocab.split(",")):
         for n in (int(x) for x in args.positions.split(",")):
             used = fit(v, n, args.max_gib)
             cells.append({"vocab": v, "positions": n, "positions_used": used, "same_as": seen.get((v, used))})
             seen.setdefault((v, used), f"V={v} N={n}")
-    print(f"chunk sizes {chunks} (distill.chunk_size default {default_chunk()}); {args.threads} thread(s); "
+    print(f"chunk sizes {[c or 'default' for c in chunks]} (default: 2^23 / V positions); {args.threads} thread(s); "
           f"peak = extra RSS of one forward+backward (fresh process); time = least CPU seconds of {args.reps} runs; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
@@ -240,7 +242,7 @@ def main() -> int:
             continue
         cell["results"] = {}
         for kind, variant, chunk in variants:
-            name = f"{kind} {variant}" + (f" c={chunk}" if chunk else "")
+            name = f"{kind} {variant}" + (f" c={chunk_label(chunk, v)}" if variant in ("chunked", "fused") else "")
             cell["results"][name] = run_variant(variant, kind, v, n, chunk, args.reps, args.threads)
             r = cell["results"][name]
             print(f"  V={v} N={n} {name:<22} peak {r['peak_mib']:8.0f} MiB  cpu {r['cpu_s']:6.2f} s  loss {r['loss']:.6f}", flush=True)
@@ -269,20 +271,22 @@ def print_tables(cells: list[dict], chunks: list[int], grads: dict[str, float]) 
         for c in chunks:
             for kind in ("forward_kl", "jsd", "forward_kl fused", "jsd fused"):
                 base, fused = kind.split()[0], kind.endswith("fused")
-                ours = res[f"{base} fused c={c}"] if fused else res[f"{kind} chunked c={c}"]
+                label = chunk_label(c, cell["vocab"])
+                ours = res[f"{base} fused c={label}"] if fused else res[f"{kind} chunked c={label}"]
                 naive = res[f"{base} naive_fused"] if fused else res[f"{kind} naive"]
                 trl = None if fused else res.get(f"{kind} trl")
                 r = {"peak_reduction_vs_naive": naive["peak_mib"] / ours["peak_mib"], "time_vs_naive": ours["cpu_s"] / naive["cpu_s"],
                      "max_abs_loss_diff": max(abs(ours["loss"] - x["loss"]) for x in (naive, trl) if x)}
                 if trl:
                     r.update(peak_reduction_vs_trl=trl["peak_mib"] / ours["peak_mib"], time_vs_trl=ours["cpu_s"] / trl["cpu_s"])
-                cell["ratios"][f"{kind} c={c}"] = r
+                cell["ratios"][f"{kind} c={label}"] = r
                 vs_trl = f"{r['peak_reduction_vs_trl']:5.1f}x / {r['time_vs_trl']:4.2f}x" if trl else "-"
                 floor = cell["gradient_mib"] if not fused else 0.0
-                print(f"{cell['vocab']:>7} {cell['positions_used']:>6} {c:>6} {kind:<16} {floor:>6.0f} {ours['peak_mib']:>9.0f} "
+                print(f"{cell['vocab']:>7} {cell['positions_used']:>6} {label:>6} {kind:<16} {floor:>6.0f} {ours['peak_mib']:>9.0f} "
                       f"{r['peak_reduction_vs_naive']:5.1f}x / {r['time_vs_naive']:4.2f}x {vs_trl:>14} {r['max_abs_loss_diff']:>12.2e}")
     print("\nfloor: the student-logit gradient every form from logits returns (N·V·4 bytes), part of every peak;")
     print(f"  fused (distill.fused_lm_head): from hidden states (H={HIDDEN}) + lm_head, which both sides include; no N·V floor")
+    print("chunk: * the default for the vocabulary (distill.chunk_size unset)")
     print("mem↓: naive (or TRL) peak / chunked peak (target >= 4x); time: chunked CPU s / theirs (target <= 1.2x)")
     print("gradient max |Δ| (V=4096, N=1024): " + ", ".join(f"{k} {v:.1e}" for k, v in grads.items()))
 

@@ -176,7 +176,9 @@ class DistillConfig(Section):
     top_k: int = Field(64, ge=1, description="Teacher logprobs kept per position in the cache.")
     cache: str | None = Field(None, description="Teacher cache directory; default `<prepared>/teacher_cache`.")
     keep_tail: bool = Field(False, description="Keep the teacher's mass outside the top-k as one extra bucket instead of renormalising.")
-    chunk_size: int = Field(256, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory).")
+    chunk_size: int | None = Field(
+        None, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory); default 2^23 / vocabulary (256 at 32k, 64 at 128k)."
+    )
     # Offline teacher cache (`distillery cache-teacher`).
     cache_backend: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Teacher cache engine: vLLM `prompt_logprobs`, a Hugging Face forward, or `auto` (vLLM with `train.use_gpu` when installed and the teacher is not a PEFT adapter; else HF)."

@@ -297,6 +297,15 @@ class _ChunkedDistill(torch.autograd.Function):
         return (*out, None)
 
 
+CHUNK_VALUES = 2**23  # logits per chunk by default (32 MiB in float32), whatever the vocabulary
+
+
+def default_chunk_size(vocab: int) -> int:
+    """Positions per chunk that keep a chunk's (positions, V) tensors at CHUNK_VALUES values:
+    256 at a 32k vocabulary, 64 at 128k; at least 16."""
+    return max(16, CHUNK_VALUES // max(vocab, 1))
+
+
 def distill_loss(
     student: torch.Tensor,
     teacher: Teacher,
@@ -307,7 +316,7 @@ def distill_loss(
     alpha: float = 1.0,
     beta: float = 0.5,
     keep_tail: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     lm_head_weight: torch.Tensor | None = None,
     lm_head_bias: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
@@ -322,15 +331,17 @@ def distill_loss(
     kind, temperature, beta: the divergence (distill.loss / temperature / beta); KD is × T².
     alpha:   weight of KD (distill.alpha); CE at T = 1 takes 1 − alpha.
     keep_tail: sparse teachers only, see `SparseTeacher`.
+    chunk_size: positions per chunk; None: `default_chunk_size(V)`.
     Returns DistillLossOutput; `.loss` backpropagates into `student`, `lm_head_weight` and
     `lm_head_bias`, with the same value and gradient as `naive_distill_loss` up to float rounding.
     Raises VocabularyMismatchError when teacher and student vocabularies differ.
     """
     if kind not in KINDS:
         raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
+    V = lm_head_weight.shape[0] if lm_head_weight is not None else student.shape[-1]
+    chunk_size = default_chunk_size(V) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"distill.chunk_size must be at least 1, got {chunk_size}")
-    V = lm_head_weight.shape[0] if lm_head_weight is not None else student.shape[-1]
     _check_shapes(V, teacher)
     idx, targets = target_positions(labels, ignore_index)
     kw = dict(kind=kind, temperature=float(temperature), beta=float(beta), keep_tail=keep_tail)
@@ -390,13 +401,17 @@ def naive_distill_loss(
 # --------------------------------------------------------------------------- dynamic weight
 
 
-def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean entropy (nats, T = 1) of the teacher over the target positions; a detached scalar.
 
     teacher: (B, T, V) logits, TeacherHidden or SparseTeacher (entropy of the renormalised top-k).
     labels:  (B, T) unshifted. Computed in chunks like `distill_loss`.
     """
     idx, _ = target_positions(labels, ignore_index)
+    if chunk_size is None:
+        width = teacher.logprobs.shape[-1] if isinstance(teacher, SparseTeacher) else (
+            teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1])
+        chunk_size = default_chunk_size(width)
     total = torch.zeros((), dtype=torch.float32)
     with torch.no_grad():
         for i in range(0, idx.numel(), chunk_size):

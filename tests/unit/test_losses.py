@@ -316,3 +316,13 @@ def test_layer_map_pairs_last_layers():
     assert layer_map(2, 4) == [(0, 1), (1, 3)]
     assert layer_map(3, 12) == [(0, 3), (1, 7), (2, 11)]
     assert layer_map(4, 4) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_default_chunk_keeps_a_chunk_at_a_fixed_size():
+    from distillery.losses import default_chunk_size
+
+    assert default_chunk_size(32768) == 256 and default_chunk_size(131072) == 64 and default_chunk_size(10**7) == 16
+    s, t, y = torch.randn(2, 6, 50, requires_grad=True), torch.randn(2, 6, 50), torch.randint(0, 50, (2, 6))
+    auto = distill_loss(s, t, y, kind="jsd", chunk_size=None).loss
+    assert torch.allclose(auto, distill_loss(s, t, y, kind="jsd", chunk_size=3).loss, atol=1e-6)
+    assert math.isclose(teacher_entropy(t, y).item(), teacher_entropy(t, y, chunk_size=4).item(), rel_tol=1e-6)
