@@ -111,6 +111,9 @@ def measure(variant: str, kind: str, vocab: int, positions: int, chunk: int, rep
     # up to 32 MiB, stay resident). Timing runs before this, with the allocator as users have it.
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    s.grad = None  # the timed runs' gradients go before the baseline, so the peak includes the new ones
+    if head is not None:
+        head.grad = None
     gc.collect()
     libc.malloc_trim(0)
     before = _status_bytes("VmRSS:")
