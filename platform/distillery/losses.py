@@ -201,13 +201,17 @@ def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return idx, flat.index_select(0, idx)
 
 
+def _dense_vocab(teacher: torch.Tensor | TeacherHidden) -> int:
+    """V of a dense teacher: its logits' last dimension, or its lm_head's rows."""
+    return teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1]
+
+
 def _check_shapes(student_vocab: int, teacher: Teacher) -> None:
     if isinstance(teacher, SparseTeacher):
         if teacher.ids.shape != teacher.logprobs.shape:
             raise ValueError(f"sparse teacher ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} differ in shape")
         return
-    tv = teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1]
-    check_vocab(tv, student_vocab)
+    check_vocab(_dense_vocab(teacher), student_vocab)
 
 
 def _chunk_loss(
@@ -409,9 +413,7 @@ def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | No
     """
     idx, _ = target_positions(labels, ignore_index)
     if chunk_size is None:
-        width = teacher.logprobs.shape[-1] if isinstance(teacher, SparseTeacher) else (
-            teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1])
-        chunk_size = default_chunk_size(width)
+        chunk_size = default_chunk_size(teacher.logprobs.shape[-1] if isinstance(teacher, SparseTeacher) else _dense_vocab(teacher))
     total = torch.zeros((), dtype=torch.float32)
     with torch.no_grad():
         for i in range(0, idx.numel(), chunk_size):

@@ -172,12 +172,12 @@ def leaderboard_rows(cfg: Config, results) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         hist = r.metrics_dataframe
-        metric_values = hist[tc.metric].dropna().tolist() if hist is not None and tc.metric in hist else []
+        scored = hist.dropna(subset=[tc.metric]) if hist is not None and tc.metric in hist else None
+        metric_values = scored[tc.metric].tolist() if scored is not None else []
         best = (min if tc.mode == "min" else max)(metric_values) if metric_values else None
-        has_steps = hist is not None and "step" in hist and len(hist)
         # Evaluations by distinct step: a resumed trial restarts Tune's iteration count.
-        iters = int(hist.dropna(subset=[tc.metric])["step"].nunique()) if has_steps and tc.metric in hist else 0
-        steps = int(hist["step"].max()) if has_steps else 0
+        iters = int(scored["step"].nunique()) if scored is not None and "step" in scored else 0
+        steps = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
         if r.error:
             status = "failed"
         elif statuses.get(_trial_id(r), "TERMINATED") not in ("TERMINATED", "ERROR"):
