@@ -1,12 +1,11 @@
 """KD loss memory and time: chunked `distill_loss` vs the naive full-vocabulary form vs TRL's GKD loss.
 
     PYTHONPATH=platform python benchmarks/kd_loss.py [--vocab 32768,131072] [--positions 2048,8192]
-        [--chunk-sizes 256,1024] [--max-gib 8] [--reps 2] [--threads 1]
+        [--chunk-sizes 256,1024] [--max-gib G] [--reps 2] [--threads 1]
 
-The chunked form runs at distill.chunk_size's default (`losses.default_chunk_size`: 2^23 / V
-positions, 256 at a 32k vocabulary and 64 at 128k, so a chunk's tensors stay 32 MiB) unless
-`--chunk-sizes` lists others. At 32k, 256 measured 1.6-3.7x less peak memory than 1024, 10-18% less
-time for forward_kl and within 4% for jsd.
+The chunked form runs at distill.chunk_size's default (`losses.default_chunk_size`: 2^22 / V
+positions, 128 at a 32k vocabulary and 32 at 128k, so a chunk's tensors stay 16 MiB, but no more
+than 1/32 of the target positions; fused, at least 256) unless `--chunk-sizes` lists others.
 
 One forward and backward of the loss from (B, T, V) student logits (float32, requires grad) and
 teacher logits, for every vocabulary size V and number of positions N = B·T (rows of 512):
@@ -37,8 +36,9 @@ The naive and TRL peaks repeat to the MiB from run to run; the chunked peak does
 jsd at V=32768, N=2048 measured about 450 MiB in most runs and about 700 MiB (one more N·V) in others.
 
 TRL's form holds up to 16 N·V float32 tensors at once, the two inputs included (measured; the
-naive one 13); with a margin, where 17 of them exceed `--max-gib` the number of positions is halved until it fits, the output says
-so, and a cell that scales onto another cell is measured once. Targets: chunked peak at least 4x
+naive one 13); with a margin, where 17 of them exceed `--max-gib` (default: 80% of the memory
+available at start) the number of positions is halved until it fits, the output says so, and a
+cell that scales onto another cell is measured once. Targets: chunked peak at least 4x
 lower than naive and TRL, at no more than 1.2x their time.
 Prints a table and writes benchmarks/results/kd_loss.json.
 """
@@ -195,11 +195,23 @@ def fit(vocab: int, positions: int, max_gib: float) -> int:
     return n
 
 
-def chunk_label(chunk: int | None, vocab: int) -> str:
-    """The chunk size a variant ran at: given, or the default for this vocabulary."""
+def chunk_label(chunk: int | None, vocab: int, positions: int, fused: bool = False) -> str:
+    """The chunk size a variant ran at: given, or the default for this vocabulary and the number
+    of target positions `inputs` makes (each row's prompt has none)."""
     from distillery.losses import default_chunk_size
 
-    return str(chunk) if chunk else f"{default_chunk_size(vocab)}*"
+    rows, width = max(positions // ROW, 1), min(positions, ROW)
+    targets = rows * (width - min(32, width // 4))
+    return str(chunk) if chunk else f"{default_chunk_size(vocab, targets, fused)}*"
+
+
+def available_gib() -> float:
+    """MemAvailable from /proc/meminfo, GiB."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
 def main() -> int:
@@ -207,7 +219,7 @@ def main() -> int:
     ap.add_argument("--vocab", default="32768,131072", help="vocabulary sizes, comma-separated")
     ap.add_argument("--positions", default="2048,8192", help="positions B·T, comma-separated")
     ap.add_argument("--chunk-sizes", default=None, help="distill_loss chunk_size values, comma-separated (default: distill.chunk_size)")
-    ap.add_argument("--max-gib", type=float, default=8.0, help="memory the naive / TRL forms may use")
+    ap.add_argument("--max-gib", type=float, default=None, help="memory the naive / TRL forms may use (default: 80%% of MemAvailable)")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per variant (the least counts)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -220,6 +232,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.max_gib is None:
+        args.max_gib = round(0.8 * available_gib(), 1)
     chunks = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [0]  # 0: the default per vocabulary
     cells, seen = [], {}
     for v in (int(x) for x in args.vocab.split(",")):
@@ -227,7 +241,7 @@ def main() -> int:
             used = fit(v, n, args.max_gib)
             cells.append({"vocab": v, "positions": n, "positions_used": used, "same_as": seen.get((v, used))})
             seen.setdefault((v, used), f"V={v} N={n}")
-    print(f"chunk sizes {[c or 'default' for c in chunks]} (default: 2^23 / V positions); {args.threads} thread(s); "
+    print(f"chunk sizes {[c or 'default' for c in chunks]} (default: 2^22 / V positions, at most N/32, fused at least 256); up to {args.max_gib:g} GiB; {args.threads} thread(s); "
           f"peak = extra RSS of one forward+backward (fresh process); time = least CPU seconds of {args.reps} runs; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
@@ -245,7 +259,7 @@ def main() -> int:
             continue
         cell["results"] = {}
         for kind, variant, chunk in variants:
-            name = f"{kind} {variant}" + (f" c={chunk_label(chunk, v)}" if variant in ("chunked", "fused") else "")
+            name = f"{kind} {variant}" + (f" c={chunk_label(chunk, v, n, variant == 'fused')}" if variant in ("chunked", "fused") else "")
             cell["results"][name] = run_variant(variant, kind, v, n, chunk, args.reps, args.threads)
             r = cell["results"][name]
             print(f"  V={v} N={n} {name:<22} peak {r['peak_mib']:8.0f} MiB  cpu {r['cpu_s']:6.2f} s  loss {r['loss']:.6f}", flush=True)
@@ -274,7 +288,7 @@ def print_tables(cells: list[dict], chunks: list[int], grads: dict[str, float]) 
         for c in chunks:
             for kind in ("forward_kl", "jsd", "forward_kl fused", "jsd fused"):
                 base, fused = kind.split()[0], kind.endswith("fused")
-                label = chunk_label(c, cell["vocab"])
+                label = chunk_label(c, cell["vocab"], cell["positions_used"], fused)
                 ours = res[f"{base} fused c={label}"] if fused else res[f"{kind} chunked c={label}"]
                 naive = res[f"{base} naive_fused"] if fused else res[f"{kind} naive"]
                 trl = None if fused else res.get(f"{kind} trl")

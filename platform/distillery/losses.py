@@ -22,8 +22,9 @@ Divergences (p teacher, q student, both tempered; sums over the vocabulary):
 Memory: `distill_loss` never materialises the B×T×V float32 softmax of teacher and student at
 once. It walks the target positions in chunks of `chunk_size` and, inside the forward pass,
 computes each chunk's loss *and* its gradient (w.r.t. the student logits, or the student hidden
-states and lm_head when fused), so autograd keeps no per-chunk softmax for later. Peak extra
-memory is a few chunk_size × V float32 tensors. `naive_distill_loss` is the textbook form with
+states and lm_head when fused), so autograd keeps no per-chunk softmax for later. Against a dense
+teacher that gradient is in closed form (`_dense_chunk`), computed mostly in place. Peak extra
+memory is the returned gradient plus about five chunk_size × V float32 tensors. `naive_distill_loss` is the textbook form with
 the same signature; the two agree in value and gradient (tests/unit/test_losses.py).
 """
 
@@ -214,9 +215,18 @@ def _check_shapes(student_vocab: int, teacher: Teacher) -> None:
     check_vocab(_dense_vocab(teacher), student_vocab)
 
 
-def _chunk_loss(
+def _dense_teacher_chunk(teacher: torch.Tensor | TeacherHidden, rows: torch.Tensor) -> torch.Tensor:
+    """(c, V) teacher logits of the flat positions `rows` (c,), without grad."""
+    with torch.no_grad():
+        if isinstance(teacher, TeacherHidden):
+            h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
+            return F.linear(h, teacher.weight, teacher.bias)
+        return teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows)
+
+
+def _sparse_chunk_loss(
     s_logits: torch.Tensor,
-    teacher: Teacher,
+    teacher: SparseTeacher,
     rows: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -225,27 +235,88 @@ def _chunk_loss(
     beta: float,
     keep_tail: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KD (× T²) and summed CE of one chunk. s_logits: (c, V) student logits of the flat
-    positions `rows` (c,), with CE targets `targets` (c,)."""
+    """Summed KD (× T²) and summed CE of one chunk against a sparse teacher, differentiable.
+    s_logits: (c, V) student logits of the flat positions `rows` (c,), with CE targets `targets` (c,)."""
     s_logits = s_logits.float()
-    if isinstance(teacher, SparseTeacher):
-        K = teacher.ids.shape[-1]
-        ids = teacher.ids.reshape(-1, K).index_select(0, rows).long()
-        lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
-        tail = None if teacher.tail is None else teacher.tail.reshape(-1).index_select(0, rows).float()
-        t_logp, s_logq = _sparse_buckets(s_logits, ids, lp, tail, temperature, kind, beta, keep_tail)
-    else:
-        with torch.no_grad():
-            if isinstance(teacher, TeacherHidden):
-                h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
-                t_logits = F.linear(h, teacher.weight, teacher.bias)
-            else:
-                t_logits = teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows)
-            t_logp = torch.log_softmax(t_logits.float() / temperature, dim=-1)
-        s_logq = torch.log_softmax(s_logits / temperature, dim=-1)
+    K = teacher.ids.shape[-1]
+    ids = teacher.ids.reshape(-1, K).index_select(0, rows).long()
+    lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
+    tail = None if teacher.tail is None else teacher.tail.reshape(-1).index_select(0, rows).float()
+    t_logp, s_logq = _sparse_buckets(s_logits, ids, lp, tail, temperature, kind, beta, keep_tail)
     kd = divergence(t_logp, s_logq, kind, beta).sum() * temperature**2
     ce = F.cross_entropy(s_logits, targets, reduction="sum")
     return kd, ce
+
+def _dense_chunk(
+    s_logits: torch.Tensor,
+    t_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    kind: LossKind,
+    temperature: float,
+    beta: float,
+    alpha: float,
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk against a dense teacher, with its gradient in closed form.
+
+    s_logits: (c, V) student logits (any float dtype; not modified); t_logits: (c, V) teacher
+    logits; targets: (c,) CE targets; n: positions the loss is averaged over.
+    Returns (kd_sum × T², ce_sum, grad) with grad (c, V) float32 = d[(alpha·kd·T² + (1 − alpha)·ce)/n]
+    / d s_logits. Autograd through `divergence` would keep about ten (c, V) tensors alive for
+    backward; here at most five exist at once, most ops run in place, and the value is the same.
+
+    With s = logits/T, q = softmax(s), p the teacher, every divergence J has dJ/ds = q ⊙ (g − Σ q·g)
+    for g = dJ/dq: forward KL gives q − p directly; reverse KL g = log q − log p; generalised JSD
+    g = (1 − β)(log q − log m) (the p and q terms of m cancel); TVD g = ½ sign(q − p).
+    """
+    T = temperature
+    z = s_logits.float()
+    # CE first, while nothing else is allocated: Σ logsumexp(z) − z[target]
+    ce = (torch.logsumexp(z, dim=-1) - z.gather(1, targets.unsqueeze(1)).squeeze(1)).sum()
+    logq = torch.log_softmax(z / T, dim=-1)
+    logp = torch.log_softmax(t_logits.float() / T, dim=-1)
+    del t_logits  # the caller's chunk copy of the teacher logits: freed here
+    forward = kind == "forward_kl" or (kind == "jsd" and beta == 0)
+    reverse = kind == "reverse_kl" or (kind == "jsd" and beta == 1)
+    if forward:
+        p = logp.exp()
+        d = logp.sub_(logq).mul_(p).masked_fill_(p == 0, 0.0)  # p·(log p − log q), 0·log 0 = 0
+        kd = d.sum()
+        del d
+        grad = logq.exp_().sub_(p)  # q − p
+    elif reverse:
+        q = logq.exp()
+        g = logq.sub_(logp)
+        del logp
+        kd_rows = g.mul_(q).sum(-1, keepdim=True)  # q·(log q − log p), summed per position
+        kd = kd_rows.sum()
+        grad = g.addcmul_(q, kd_rows, value=-1.0)
+    elif kind == "jsd":
+        log_m = logq + math.log1p(-beta)
+        log_m = torch.logaddexp(log_m, logp + math.log(beta), out=log_m)
+        p = logp.exp()
+        kl_pm = logp.sub_(log_m).mul_(p).masked_fill_(p == 0, 0.0).sum()
+        del logp
+        g = log_m.neg_().add_(logq)  # log q − log m
+        q = logq.exp_()
+        kl_qm_rows = g.mul_(q).sum(-1, keepdim=True)
+        kd = beta * kl_pm + (1 - beta) * kl_qm_rows.sum()
+        grad = g.addcmul_(q, kl_qm_rows, value=-1.0).mul_(1 - beta)
+    elif kind == "tvd":
+        q = logq.exp_()
+        d = logp.exp_().neg_().add_(q)  # q − p
+        kd = 0.5 * d.abs().sum()
+        g = d.sign_().mul_(0.5).mul_(q)
+        grad = g.addcmul_(q, g.sum(-1, keepdim=True), value=-1.0)
+    else:
+        raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
+    # d(kd·T²)/dz = T · dkd/ds; CE adds (1 − alpha)·(softmax(z) − onehot(target))
+    grad.mul_(alpha * T)
+    if alpha != 1:
+        grad.add_(torch.softmax(z, dim=-1), alpha=1 - alpha)
+        grad.scatter_add_(1, targets.unsqueeze(1), torch.full_like(z[:, :1], alpha - 1))
+    return kd * T**2, ce, grad.div_(n)
 
 
 class _ChunkedDistill(torch.autograd.Function):
@@ -264,12 +335,30 @@ class _ChunkedDistill(torch.autograd.Function):
         b = bias.detach().requires_grad_(need[2]) if bias is not None else None
         kd_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=flat.device)
+        dense = not isinstance(teacher, SparseTeacher)
         for i in range(0, n, chunk):
             rows = idx[i : i + chunk]
+            if dense:
+                x = flat.index_select(0, rows).detach()
+                s_logits = F.linear(x, w, b) if w is not None else x
+                kd, ce, g = _dense_chunk(s_logits, _dense_teacher_chunk(teacher, rows), targets[i : i + chunk],
+                                         kind=kw["kind"], temperature=kw["temperature"], beta=kw["beta"], alpha=alpha, n=n)
+                del s_logits
+                g = g.to(w.dtype) if w is not None else g
+                if need[0]:
+                    g_flat.index_copy_(0, rows, (g @ w if w is not None else g).to(g_flat.dtype))
+                if need[1]:
+                    g_w.add_(g.t() @ x)
+                if need[2]:
+                    g_b.add_(g.sum(0))
+                kd_sum += kd
+                ce_sum += ce
+                continue
+            # sparse (cached) teacher: the support is the top-k plus a rest bucket; autograd per chunk
             x = flat.index_select(0, rows).detach().requires_grad_(need[0])
             with torch.enable_grad():
                 s_logits = F.linear(x, w, b) if w is not None else x
-                kd, ce = _chunk_loss(s_logits, teacher, rows, targets[i : i + chunk], **kw)
+                kd, ce = _sparse_chunk_loss(s_logits, teacher, rows, targets[i : i + chunk], **kw)
                 total = (alpha * kd + (1 - alpha) * ce) / n
             wrt = [t for t, nd in zip((x, w, b), need) if nd]
             if wrt:
@@ -301,13 +390,21 @@ class _ChunkedDistill(torch.autograd.Function):
         return (*out, None)
 
 
-CHUNK_VALUES = 2**23  # logits per chunk by default (32 MiB in float32), whatever the vocabulary
+CHUNK_VALUES = 2**22  # at most this many logits per chunk by default (16 MiB in float32)
+CHUNKS_PER_CALL = 32  # ... and at least this many chunks, so the ~5 chunk tensors stay ~1/6 of the (N, V) gradient
+FUSED_MIN_CHUNK = 256  # fused chunks re-read the whole (V, H) lm_head: fewer rows leave the matmuls memory-bound
 
 
-def default_chunk_size(vocab: int) -> int:
-    """Positions per chunk that keep a chunk's (positions, V) tensors at CHUNK_VALUES values:
-    256 at a 32k vocabulary, 64 at 128k; at least 16."""
-    return max(16, CHUNK_VALUES // max(vocab, 1))
+def default_chunk_size(vocab: int, positions: int | None = None, fused: bool = False) -> int:
+    """Positions per chunk when distill.chunk_size is unset: CHUNK_VALUES / V (128 at a 32k
+    vocabulary, 32 at 128k), fewer when `positions` (target positions per call) would otherwise give
+    under CHUNKS_PER_CALL chunks; at least 16, and at least FUSED_MIN_CHUNK when fused with the
+    lm_head, where every chunk's matmuls read all V·H weights."""
+    rows = CHUNK_VALUES // max(vocab, 1)
+    if positions:
+        rows = min(rows, positions // CHUNKS_PER_CALL)
+    rows = max(16, rows)
+    return max(rows, FUSED_MIN_CHUNK) if fused else rows
 
 
 def distill_loss(
@@ -335,7 +432,7 @@ def distill_loss(
     kind, temperature, beta: the divergence (distill.loss / temperature / beta); KD is × T².
     alpha:   weight of KD (distill.alpha); CE at T = 1 takes 1 − alpha.
     keep_tail: sparse teachers only, see `SparseTeacher`.
-    chunk_size: positions per chunk; None: `default_chunk_size(V)`.
+    chunk_size: positions per chunk; None: `default_chunk_size(V, target positions, fused)`.
     Returns DistillLossOutput; `.loss` backpropagates into `student`, `lm_head_weight` and
     `lm_head_bias`, with the same value and gradient as `naive_distill_loss` up to float rounding.
     Raises VocabularyMismatchError when teacher and student vocabularies differ.
@@ -343,11 +440,12 @@ def distill_loss(
     if kind not in KINDS:
         raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
     V = lm_head_weight.shape[0] if lm_head_weight is not None else student.shape[-1]
-    chunk_size = default_chunk_size(V) if chunk_size is None else chunk_size
-    if chunk_size < 1:
-        raise ValueError(f"distill.chunk_size must be at least 1, got {chunk_size}")
     _check_shapes(V, teacher)
     idx, targets = target_positions(labels, ignore_index)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(V, idx.numel(), fused=lm_head_weight is not None)
+    if chunk_size < 1:
+        raise ValueError(f"distill.chunk_size must be at least 1, got {chunk_size}")
     kw = dict(kind=kind, temperature=float(temperature), beta=float(beta), keep_tail=keep_tail)
     loss, kd, ce = _ChunkedDistill.apply(
         student, lm_head_weight, lm_head_bias, (teacher, idx, targets, float(alpha), kw, int(chunk_size))

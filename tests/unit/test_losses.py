@@ -114,9 +114,10 @@ def _grads(fn, s, w, b, teacher, y, **kw):
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("chunk_size", [1, 5, 4096])
-def test_chunked_equals_naive_value_and_gradient_from_logits(kind, chunk_size):
+@pytest.mark.parametrize("temperature,alpha,beta", [(2.0, 0.6, 0.4), (1.0, 0.3, 0.0), (1.0, 1.0, 1.0), (0.5, 0.0, 0.7)])
+def test_chunked_equals_naive_value_and_gradient_from_logits(kind, chunk_size, temperature, alpha, beta):
     s, t, y = _logits(7), _logits(8), _labels()
-    kw = dict(kind=kind, temperature=2.0, alpha=0.6, beta=0.4, chunk_size=chunk_size)
+    kw = dict(kind=kind, temperature=temperature, alpha=alpha, beta=beta, chunk_size=chunk_size)
     v1, g1 = _grads(distill_loss, s, None, None, t, y, **kw)
     v2, g2 = _grads(naive_distill_loss, s, None, None, t, y, **kw)
     assert torch.allclose(v1, v2, rtol=1e-5, atol=1e-6)
@@ -124,6 +125,18 @@ def test_chunked_equals_naive_value_and_gradient_from_logits(kind, chunk_size):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     # positions without a target get no gradient
     assert g1[0][2, :3].abs().sum() == 0 and g1[0][2, 4:].abs().sum() == 0 and g1[0][:, -1].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind,beta", [("forward_kl", 0.5), ("jsd", 0.5), ("jsd", 0.0), ("tvd", 0.5)])
+def test_chunked_handles_zero_teacher_mass(kind, beta):
+    """Teacher logits of -inf (zero probability) give 0·log 0 = 0 terms, as in the naive form."""
+    s, t, y = _logits(3), _logits(4), _labels()
+    t[..., :5] = float("-inf")
+    kw = dict(kind=kind, temperature=1.5, alpha=0.8, beta=beta, chunk_size=4)
+    v1, g1 = _grads(distill_loss, s, None, None, t, y, **kw)
+    v2, g2 = _grads(naive_distill_loss, s, None, None, t, y, **kw)
+    assert torch.isfinite(v1) and torch.allclose(v1, v2, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(g1[0]).all() and torch.allclose(g1[0], g2[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -321,7 +334,9 @@ def test_layer_map_pairs_last_layers():
 def test_default_chunk_keeps_a_chunk_at_a_fixed_size():
     from distillery.losses import default_chunk_size
 
-    assert default_chunk_size(32768) == 256 and default_chunk_size(131072) == 64 and default_chunk_size(10**7) == 16
+    assert default_chunk_size(32768) == 128 and default_chunk_size(131072) == 32 and default_chunk_size(10**7) == 16
+    assert default_chunk_size(32768, positions=2048) == 64 and default_chunk_size(32768, positions=100) == 16
+    assert default_chunk_size(131072, fused=True) == 256 and default_chunk_size(512, fused=True) == 8192
     s, t, y = torch.randn(2, 6, 50, requires_grad=True), torch.randn(2, 6, 50), torch.randint(0, 50, (2, 6))
     auto = distill_loss(s, t, y, kind="jsd", chunk_size=None).loss
     assert torch.allclose(auto, distill_loss(s, t, y, kind="jsd", chunk_size=3).loss, atol=1e-6)
