@@ -72,6 +72,9 @@ class BackTranslateConfig(Section):
     )
     max_new_tokens: int = Field(128, ge=1, description="Generation budget for each translation step.")
     probability: float = Field(1.0, ge=0, le=1, description="Share of rows sent through back-translation.")
+    engine: Literal["auto", "hf", "vllm"] = Field(
+        "auto", description="Generation engine: vLLM (continuous batching), Hugging Face `generate`, or `auto` (vLLM when importable and a GPU is visible, else HF)."
+    )
 
 
 class AugmentConfig(Section):
@@ -96,6 +99,10 @@ class DataConfig(Section):
     dedupe: DedupeConfig = Field(default_factory=DedupeConfig, description="Exact and near-duplicate removal.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="Training-set augmentation (never applied to val/test).")
     mix_by: Literal["rows", "tokens"] = Field("rows", description="Whether source weights are ratios of rows or of tokens.")
+    mix_strategy: Literal["downsample", "upsample"] = Field(
+        "downsample",
+        description="How the weights are met: `downsample` keeps the scarcest source whole and samples the others down (nothing repeats); `upsample` keeps the most plentiful source whole and repeats training rows of the others (nothing is dropped; val and test rows are never repeated).",
+    )
     chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own.")
     packing: bool = Field(False, description="Pack several short examples into one `max_length` sequence.")
     window: WindowConfig | None = Field(None, description="Sliding windows for long `text` documents instead of truncation.")

