@@ -137,6 +137,33 @@ def test_key_terms_weight_the_loss(tiny_teacher):
     assert got.item() != pytest.approx(base.item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("key_terms", [False, True])
+def test_target_only_logits_equal_full_logits(tiny_teacher, key_terms):
+    """The lm_head on target positions alone (strategy none/ddp) gives the loss, gradients and
+    evaluation sums of projecting every position (strategy fsdp), with prompt and padding masked."""
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    rows = [tok(t)["input_ids"] for t in ("profit rises, profit falls and profit stays", "costs fall", "a b c d e f g")]
+    labels = [[-100] * 3 + r[3:] for r in rows]
+    labels[2] = [-100] * len(rows[2])  # a row without any target
+    batch = collate({"input_ids": rows, "labels": labels}, tok.pad_token_id)
+    extra = ["train.key_terms=[profit]", "train.key_term_weight=2"] if key_terms else []
+    results = []
+    for strategy in ("none", "fsdp"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_teacher)
+        obj = CrossEntropyObjective(load_config(overrides=[f"train.strategy={strategy}", *extra]), tok)
+        loss, _ = obj(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads, obj.evaluate(model, batch)))
+    (l1, g1, e1), (l2, g2, e2) = results
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and any("lm_head" in n or "embed" in n for n in g1)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], rtol=1e-4, atol=1e-6), n
+    assert e1["tokens"] == e2["tokens"] == sum(1 for r in labels for x in r[1:] if x != -100)
+    assert e1["nll"] == pytest.approx(e2["nll"], rel=1e-5)
+
+
 def test_lr_schedules():
     cfg = load_config(overrides=["train.lr=1", "train.warmup_steps=2", "train.scheduler=cosine"])
     f = lr_lambda(cfg, total_steps=10)

@@ -34,7 +34,7 @@ from distillery.losses import (
     teacher_entropy,
 )
 from distillery.models.load import load_causal_lm, resolve_model_dir
-from distillery.train.objective import shift
+from distillery.train.objective import lm_head_of, shift
 
 CACHE_COLUMNS = ["teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"]
 
@@ -202,7 +202,7 @@ class DistillObjective:
             **({"logits_to_keep": 1} if fused else {}),
         )
         if fused:
-            head = _lm_head(model)
+            head = lm_head_of(model)
             res = distill_loss(
                 out.hidden_states[-1], teacher, batch["labels"], kind=self.d.loss, temperature=now["temperature"],
                 alpha=alpha, beta=self.d.beta, keep_tail=self.d.keep_tail, chunk_size=self.d.chunk_size,
@@ -246,13 +246,6 @@ class DistillObjective:
         kl = distill_loss(out.logits.float(), teacher, batch["labels"], kind="forward_kl", temperature=1.0, alpha=1.0,
                           keep_tail=self.d.keep_tail, chunk_size=self.d.chunk_size)
         return {"nll": nll, "tokens": float(n), "teacher_top1_agreement": agree, "teacher_kl": float(kl.kd) * kl.num_tokens}
-
-
-def _lm_head(model):
-    inner = model.module if hasattr(model, "module") else model
-    if hasattr(inner, "get_base_model"):
-        inner = inner.get_base_model()
-    return inner.lm_head
 
 
 def run_distill(cfg: Config) -> int:

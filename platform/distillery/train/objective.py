@@ -24,6 +24,35 @@ def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return logits[:, :-1], labels[:, 1:]
 
 
+def lm_head_of(model) -> torch.nn.Module:
+    """The output projection of a causal LM, through DDP (`.module`) and PEFT wrappers."""
+    inner = model.module if hasattr(model, "module") else model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return inner.lm_head
+
+
+def target_logits(model, batch: dict[str, Any], full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (n, V) and targets (n,) of the n positions that have a target, and where they are:
+    a bool mask [B, T-1] over the shifted positions.
+
+    Unless `full`, the model stops at its final hidden states (`logits_to_keep=1` keeps it from
+    projecting every position) and the lm_head runs on the target positions alone: prompt and
+    padding positions, most of an instruction batch, then cost no logits at all. Same values and
+    gradients as projecting everything. `full` is for FSDP, which gathers the root's lm_head only
+    inside the wrapped forward: there the model's own (B, T, V) logits are selected from.
+    """
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    if full:
+        logits = model(**kw).logits[:, :-1][mask]
+    else:
+        hidden = model(**kw, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        logits = lm_head_of(model)(hidden[:, :-1][mask])
+    return logits, targets[mask], mask
+
+
 def key_term_sequences(tokenizer, terms: list[str]) -> list[list[int]]:
     """Token-id sequences of each key term, with and without a leading space (BPE tokenises them differently)."""
     seqs = set()
@@ -55,6 +84,7 @@ class CrossEntropyObjective:
     """Token cross-entropy on response tokens, optionally up-weighting key terms, plus an optional EWC penalty."""
 
     def __init__(self, cfg: Config, tokenizer, ewc=None):
+        self.full_logits = cfg.train.strategy == "fsdp"  # see target_logits
         self.key_sequences = key_term_sequences(tokenizer, cfg.train.key_terms) if cfg.train.key_terms else []
         self.key_weight = cfg.train.key_term_weight
         self.ewc = ewc  # distillery.train.ewc.EwcPenalty or None
@@ -82,12 +112,10 @@ class CrossEntropyObjective:
         return torch.where(hit, self.key_weight, 1.0)
 
     def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits, targets = shift(logits, batch["labels"])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        valid = (targets != IGNORE_INDEX).float()
+        logits, targets, mask = target_logits(model, batch, self.full_logits)
+        nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
         weights = self.token_weights(batch)
-        w = valid if weights is None else valid * weights.to(valid.dtype)
+        w = torch.ones_like(nll) if weights is None else weights[mask].to(nll.dtype)
         ce = (nll * w).sum() / w.sum().clamp_min(1.0)
         return ce, {"ce_loss": ce.item()}
 
@@ -101,10 +129,9 @@ class CrossEntropyObjective:
 
     @torch.no_grad()
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        logits, targets = shift(logits, batch["labels"])
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        return {"nll": nll.item(), "tokens": float((targets != IGNORE_INDEX).sum().item())}
+        logits, targets, _ = target_logits(model, batch, self.full_logits)
+        nll = F.cross_entropy(logits.float(), targets, reduction="sum")
+        return {"nll": nll.item(), "tokens": float(targets.numel())}
 
 
 def finish_eval(sums: dict[str, float]) -> dict[str, float]:
