@@ -32,6 +32,7 @@ from distillery.runtime import ensure_ray
 from distillery.search_space import to_tune_space, validate_search_space, with_values
 
 SEARCH_NAME = "search"
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train V2: seconds between controller polls of its workers
 
 
 def tune_dir(cfg: Config) -> Path:
@@ -118,6 +119,7 @@ def build_tuner(cfg: Config):
     """A Tuner for `cfg`, restored from `<output_dir>/tune/search` when a previous run left one."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
     checked = validate_search_space(cfg, cfg.tune.search_space)
@@ -132,7 +134,10 @@ def build_tuner(cfg: Config):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
 
     tc = cfg.tune
-    searcher = OptunaSearch(metric=tc.metric, mode=tc.mode, seed=cfg.seed) if tc.searcher == "optuna" else None
+    if tc.searcher == "optuna":
+        searcher = OptunaSearch(metric=tc.metric, mode=tc.mode, seed=cfg.seed)
+    else:  # random search, seeded like everything else: a re-run draws the same trials
+        searcher = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=_concurrency(cfg))  # an instance takes no TuneConfig limit
     if tc.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration", metric=tc.metric, mode=tc.mode, max_t=reports_per_trial(cfg),
@@ -148,8 +153,9 @@ def build_tuner(cfg: Config):
             scheduler=scheduler,
             num_samples=tc.num_samples,
             max_concurrent_trials=_concurrency(cfg),
-            metric=None if searcher or tc.scheduler == "asha" else tc.metric,
-            mode=None if searcher or tc.scheduler == "asha" else tc.mode,
+            # the metric is named once: by Optuna or ASHA where they are used, else here
+            metric=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.metric,
+            mode=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.mode,
         ),
         run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor()]),
     )
@@ -254,7 +260,11 @@ def run_tune(cfg: Config) -> int:
     out = tune_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stage = trial_stage(cfg)
-    started = ensure_ray(num_cpus=max(4, cfg.train.num_workers * cfg.train.cpus_per_worker * cfg.tune.max_concurrent_trials + 2))
+    # Each trial's Train controller collects its workers' reports when it polls them, every 2 s by
+    # default; a trial ASHA stops trains on until its report arrives, so trials poll every 0.25 s
+    # (unless the environment sets the interval).
+    env = {} if TRAIN_POLL_ENV in os.environ else {"runtime_env": {"env_vars": {TRAIN_POLL_ENV: "0.25"}}}
+    started = ensure_ray(num_cpus=max(4, cfg.train.num_workers * cfg.train.cpus_per_worker * cfg.tune.max_concurrent_trials + 2), **env)
     try:
         print(
             f"tune: {cfg.tune.num_samples} trials of `{stage}` over {', '.join(checked)}; "
