@@ -36,8 +36,8 @@ The naive and TRL peaks repeat to the MiB from run to run; the chunked peak does
 jsd at V=32768, N=2048 measured about 450 MiB in most runs and about 700 MiB (one more N·V) in others.
 
 TRL's form holds up to 16 N·V float32 tensors at once, the two inputs included (measured; the
-naive one 13); with a margin, where 17 of them exceed `--max-gib` (default: 80% of the memory
-available at start) the number of positions is halved until it fits, the output says so, and a
+naive one 13); with a margin, where 17 of them exceed `--max-gib` (default: the memory available at
+start less 3 GiB) the number of positions is halved until it fits, the output says so, and a
 cell that scales onto another cell is measured once. Targets: chunked peak at least 4x
 lower than naive and TRL, at no more than 1.2x their time.
 Prints a table and writes benchmarks/results/kd_loss.json.
@@ -219,7 +219,7 @@ def main() -> int:
     ap.add_argument("--vocab", default="32768,131072", help="vocabulary sizes, comma-separated")
     ap.add_argument("--positions", default="2048,8192", help="positions B·T, comma-separated")
     ap.add_argument("--chunk-sizes", default=None, help="distill_loss chunk_size values, comma-separated (default: distill.chunk_size)")
-    ap.add_argument("--max-gib", type=float, default=None, help="memory the naive / TRL forms may use (default: 80%% of MemAvailable)")
+    ap.add_argument("--max-gib", type=float, default=None, help="memory the naive / TRL forms may use (default: MemAvailable less 3 GiB)")
     ap.add_argument("--reps", type=int, default=2, help="timed runs per variant (the least counts)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -233,7 +233,7 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     if args.max_gib is None:
-        args.max_gib = round(0.8 * available_gib(), 1)
+        args.max_gib = round(available_gib() - 3, 1)
     chunks = [int(c) for c in args.chunk_sizes.split(",")] if args.chunk_sizes else [0]  # 0: the default per vocabulary
     cells, seen = [], {}
     for v in (int(x) for x in args.vocab.split(",")):
