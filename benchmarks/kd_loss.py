@@ -32,8 +32,8 @@ kernel's peak-RSS mark is reset (`echo 5 > /proc/self/clear_refs`), and after on
 forward+backward the peak is VmHWM minus the RSS before. It sees torch's allocations (tracemalloc
 would see none): the temporaries, the autograd state and the gradient of the student logits
 (N·V·4 bytes, which every variant must produce, the "floor" column). The inputs are not counted.
-The naive and TRL peaks repeat to the MiB from run to run; the chunked peak does not always: e.g.
-jsd at V=32768, N=2048 measured about 450 MiB in most runs and about 700 MiB (one more N·V) in others.
+The naive and TRL peaks repeat to the MiB from run to run; the chunked peak can differ by a few
+chunk tensors (e.g. 356-464 MiB for jsd at V=32768, N=2048 with 128-position chunks).
 
 TRL's form holds up to 16 N·V float32 tensors at once, the two inputs included (measured; the
 naive one 13); with a margin, where 17 of them exceed `--max-gib` (default: the memory available at
