@@ -5,7 +5,7 @@
 
 The chunked form runs at distill.chunk_size's default (`losses.default_chunk_size`: 2^22 / V
 positions, 128 at a 32k vocabulary and 32 at 128k, so a chunk's tensors stay 16 MiB, but no more
-than 1/32 of the target positions; fused, at least 256) unless `--chunk-sizes` lists others.
+than 1/32 of the target positions down to 2^21 / V; fused, at least 256) unless `--chunk-sizes` lists others.
 
 One forward and backward of the loss from (B, T, V) student logits (float32, requires grad) and
 teacher logits, for every vocabulary size V and number of positions N = B·T (rows of 512):
@@ -241,7 +241,7 @@ def main() -> int:
             used = fit(v, n, args.max_gib)
             cells.append({"vocab": v, "positions": n, "positions_used": used, "same_as": seen.get((v, used))})
             seen.setdefault((v, used), f"V={v} N={n}")
-    print(f"chunk sizes {[c or 'default' for c in chunks]} (default: 2^22 / V positions, at most N/32, fused at least 256); up to {args.max_gib:g} GiB; {args.threads} thread(s); "
+    print(f"chunk sizes {[c or 'default' for c in chunks]} (default: 2^22 / V positions, at most N/32 down to 2^21 / V, fused at least 256); up to {args.max_gib:g} GiB; {args.threads} thread(s); "
           f"peak = extra RSS of one forward+backward (fresh process); time = least CPU seconds of {args.reps} runs; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 

@@ -184,7 +184,7 @@ class DistillConfig(Section):
     cache: str | None = Field(None, description="Teacher cache directory; default `<prepared>/teacher_cache`.")
     keep_tail: bool = Field(False, description="Keep the teacher's mass outside the top-k as one extra bucket instead of renormalising.")
     chunk_size: int | None = Field(
-        None, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory); default 2^22 / vocabulary (128 at 32k, 32 at 128k), fewer for batches under 32 chunks, at least 256 when fused with the lm_head."
+        None, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory); default 2^22 / vocabulary (128 at 32k, 32 at 128k), fewer, down to 2^21 / vocabulary, for batches under 32 chunks; at least 256 when fused with the lm_head."
     )
     # Offline teacher cache (`distillery cache-teacher`).
     cache_backend: Literal["auto", "hf", "vllm"] = Field(

@@ -391,18 +391,20 @@ class _ChunkedDistill(torch.autograd.Function):
 
 
 CHUNK_VALUES = 2**22  # at most this many logits per chunk by default (16 MiB in float32)
-CHUNKS_PER_CALL = 32  # ... and at least this many chunks, so the ~5 chunk tensors stay ~1/6 of the (N, V) gradient
+CHUNKS_PER_CALL = 32  # ... and at least this many chunks, so the ~5 chunk tensors stay ~1/6 of the (N, V) gradient,
+MIN_CHUNK_VALUES = 2**21  # ... unless that makes chunks under 8 MiB, where memory no longer matters but per-chunk overhead does
 FUSED_MIN_CHUNK = 256  # fused chunks re-read the whole (V, H) lm_head: fewer rows leave the matmuls memory-bound
 
 
 def default_chunk_size(vocab: int, positions: int | None = None, fused: bool = False) -> int:
     """Positions per chunk when distill.chunk_size is unset: CHUNK_VALUES / V (128 at a 32k
-    vocabulary, 32 at 128k), fewer when `positions` (target positions per call) would otherwise give
-    under CHUNKS_PER_CALL chunks; at least 16, and at least FUSED_MIN_CHUNK when fused with the
-    lm_head, where every chunk's matmuls read all V·H weights."""
-    rows = CHUNK_VALUES // max(vocab, 1)
+    vocabulary, 32 at 128k); fewer when `positions` (target positions per call) would otherwise
+    give under CHUNKS_PER_CALL chunks, but not below MIN_CHUNK_VALUES / V; at least 16, and at least
+    FUSED_MIN_CHUNK when fused with the lm_head, where every chunk's matmuls read all V·H weights."""
+    v = max(vocab, 1)
+    rows = CHUNK_VALUES // v
     if positions:
-        rows = min(rows, positions // CHUNKS_PER_CALL)
+        rows = min(rows, max(positions // CHUNKS_PER_CALL, MIN_CHUNK_VALUES // v))
     rows = max(16, rows)
     return max(rows, FUSED_MIN_CHUNK) if fused else rows
 

@@ -335,7 +335,8 @@ def test_default_chunk_keeps_a_chunk_at_a_fixed_size():
     from distillery.losses import default_chunk_size
 
     assert default_chunk_size(32768) == 128 and default_chunk_size(131072) == 32 and default_chunk_size(10**7) == 16
-    assert default_chunk_size(32768, positions=2048) == 64 and default_chunk_size(32768, positions=100) == 16
+    assert default_chunk_size(32768, positions=4096) == 128 and default_chunk_size(32768, positions=1920) == 64
+    assert default_chunk_size(2048, positions=1000) == 1024  # small vocabularies: few, large chunks
     assert default_chunk_size(131072, fused=True) == 256 and default_chunk_size(512, fused=True) == 8192
     s, t, y = torch.randn(2, 6, 50, requires_grad=True), torch.randn(2, 6, 50), torch.randint(0, 50, (2, 6))
     auto = distill_loss(s, t, y, kind="jsd", chunk_size=None).loss
