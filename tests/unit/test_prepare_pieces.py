@@ -75,6 +75,26 @@ def test_minhash_separates_near_copies_from_different_rows():
     assert found == {9: "near", 11: "exact"}
 
 
+@pytest.mark.parametrize("shingle", [5, 2])
+def test_minhash_batch_equals_minhash_row_by_row(shingle):
+    rng = random.Random(1)
+    texts = ["", "a", "abcd", "abcde", "日本語のテキスト", "😀😀😀😀😀x", "x" * 3000]
+    texts += [" ".join("".join(rng.choice("abcdefg") for _ in range(rng.randint(1, 8))) for _ in range(rng.randint(1, 30)))
+              for _ in range(300)]
+    rng.shuffle(texts)
+    ref = np.stack([dd.minhash(t, 32, shingle, 7) for t in texts])
+    for group in (1 << 17, 50, 1):  # one group, several, one text per group
+        assert (dd.minhash_batch(texts, 32, shingle, 7, max_shingles=group) == ref).all()
+    assert dd.minhash_batch([], 32).shape == (0, 32)
+    keys = dd.band_keys_batch(ref, 4, 8)
+    assert keys.shape == (len(texts), 4) and (keys >= 0).all()
+    assert ((keys >> 48) == np.arange(4)).all()  # the band number sits in the top bits
+    assert keys[0].tolist() == dd.band_keys(ref[0], 4, 8)
+    changed = ref[0].copy()
+    changed[9] ^= 1  # band 1's slice changes: only band 1's key does
+    assert (dd.band_keys_batch(changed[None], 4, 8)[0] != keys[0]).tolist() == [False, True, False, False]
+
+
 def test_augmentation_is_seeded_and_changes_only_what_it_says():
     syn = Synonyms([["心电图", "ECG", "electrocardiogram"], ["add", "sum"]])
     msgs = [{"role": "user", "content": "The ECG is normal, the patient is calm, we add notes. 心电图正常，患者平稳，可以出院。"},
@@ -145,3 +165,18 @@ def test_split_summary_digest_does_not_depend_on_batching():
         return acc
 
     assert total([rows]) == total([rows[:7], rows[7:30], rows[30:]]) == total([rows[::-1]])
+
+
+def test_token_ids_straight_from_the_rust_tokenizer_match_the_tokenizer_call(tiny_teacher):
+    from distillery.data.tokenize import _plain_backend, load_tokenizer_cached, token_ids
+
+    tok = load_tokenizer_cached(str(tiny_teacher))
+    texts = ["Sort the numbers 5 3 9 1.", "", "心电图正常 ECG", "<|im_start|>user\nhi<|im_end|>\n", "  two  spaces "]
+    assert _plain_backend(tok)
+    assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    tok.backend_tokenizer.enable_truncation(3)  # a setting the tokenizer call would undo: the call is used instead
+    try:
+        assert not _plain_backend(tok)
+        assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    finally:
+        tok.backend_tokenizer.no_truncation()

@@ -10,7 +10,6 @@ whose estimated Jaccard similarity to an earlier kept row is at or above the thr
 
 from __future__ import annotations
 
-import hashlib
 from functools import lru_cache
 
 import numpy as np
@@ -55,6 +54,54 @@ def minhash(text: str, num_perm: int = 64, shingle: int = 5, seed: int = 0) -> n
         return ((a * h[None, :] + b) >> np.uint64(32)).min(axis=1).astype(np.uint32)
 
 
+def minhash_batch(texts: list[str], num_perm: int = 64, shingle: int = 5, seed: int = 0,
+                  max_shingles: int = 1 << 17) -> np.ndarray:
+    """uint32[len(texts), num_perm]: `minhash` of every text, equal to it row for row.
+
+    One pass of numpy operations per group of texts instead of a dozen small ones per text: the
+    texts' code points are concatenated, every k-gram hash is computed at once, windows that cross
+    two texts are left out, and each permutation's minimum is taken per text with `reduceat`.
+    Duplicate shingles need no `unique` (they cannot change a minimum), and the `>> 32` is applied
+    after the minimum (a shift preserves order). A group holds at most `max_shingles` shingles, so
+    the (num_perm, shingles) uint64 temporary stays at 64 MiB for 64 permutations.
+    """
+    a, b = _permutations(num_perm, seed)
+    out = np.empty((len(texts), num_perm), dtype=np.uint32)
+    cps = [np.frombuffer(t.encode("utf-32-le"), dtype=np.uint32) for t in texts]
+    lens = np.fromiter((len(c) for c in cps), dtype=np.int64, count=len(cps))
+    wins = np.maximum(lens - shingle + 1, 0)
+    lo = 0
+    while lo < len(texts):
+        hi = lo + 1  # at least one text per group, however long
+        total = wins[lo]
+        while hi < len(texts) and total + wins[hi] <= max_shingles:
+            total += wins[hi]
+            hi += 1
+        full = np.flatnonzero(wins[lo:hi] > 0) + lo  # texts shorter than one shingle go the per-text way
+        if len(full):
+            c = np.concatenate([cps[i] for i in full]).astype(np.uint64)
+            n = len(c) - shingle + 1
+            h = np.zeros(n, dtype=np.uint64)
+            with np.errstate(over="ignore"):
+                for j in range(shingle):  # the same polynomial hash as shingle_hashes
+                    h = h * _POLY + c[j : j + n] + np.uint64(1)
+            starts = np.concatenate([[0], np.cumsum(lens[full])[:-1]])
+            w = wins[full]
+            # Window positions inside each text: start_t .. start_t + wins_t - 1.
+            first = np.repeat(starts - np.concatenate([[0], np.cumsum(w)[:-1]]), w)
+            h = h[np.arange(int(w.sum())) + first]
+            with np.errstate(over="ignore"):
+                v = a * h[None, :]
+                v += b
+            mins = np.minimum.reduceat(v, np.concatenate([[0], np.cumsum(w)[:-1]]), axis=1)
+            out[full] = (mins >> np.uint64(32)).astype(np.uint32).T
+        for i in range(lo, hi):
+            if wins[i] == 0:
+                out[i] = minhash(texts[i], num_perm, shingle, seed)
+        lo = hi
+    return out
+
+
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows per band) whose S-curve 1-(1-s^r)^b rises through `threshold`.
 
@@ -76,11 +123,30 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
 
 
 def band_keys(sig: np.ndarray, bands: int, rows: int) -> list[int]:
-    """One int64 key per band: the band number in the top bits, a hash of its signature slice below."""
-    keys = []
-    for i in range(bands):
-        d = hashlib.blake2b(sig[i * rows : (i + 1) * rows].tobytes(), digest_size=6).digest()
-        keys.append((i << 48) | int.from_bytes(d, "little"))
+    """One int64 key per band of one signature (see band_keys_batch)."""
+    return band_keys_batch(sig[None, :], bands, rows)[0].tolist()
+
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def band_keys_batch(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """int64[n, bands]: per band, the band number in the top bits and a 48-bit hash of the band's
+    slice of the signature below. `sigs`: uint32[n, num_perm].
+
+    The hash folds the slice's values one at a time (multiply by an odd constant, xor-shift), on
+    whole columns at once; two different slices share a key with probability about 2^-48, and a
+    shared key only makes the rows candidates, which the signature comparison then verifies.
+    """
+    n = sigs.shape[0]
+    keys = np.empty((n, bands), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        for i in range(bands):
+            h = np.full(n, np.uint64(i + 1) * _MIX, dtype=np.uint64)
+            for j in range(i * rows, (i + 1) * rows):
+                h = (h ^ sigs[:, j].astype(np.uint64)) * _MIX
+                h ^= h >> np.uint64(29)
+            keys[:, i] = ((h >> np.uint64(16)) | (np.uint64(i) << np.uint64(48))).astype(np.int64)
     return keys
 
 

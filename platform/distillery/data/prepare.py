@@ -125,7 +125,7 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
     tok = load_tokenizer_cached(ctx["tokenizer"])
     stats: Counter = Counter()
     quarantine: list[str] = []
-    key_rows: list[tuple[int, int, int, bytes]] = []  # (bucket, key, uid, signature) for pass 2
+    key_parts: list[tuple[np.ndarray, np.ndarray, list[bytes] | None]] = []  # (keys, uids, signatures) for pass 2
     pending: list[dict] = []
     schema = _schema(True)
     dd_cfg = ctx["dedupe"]
@@ -140,28 +140,32 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
 
     def flush() -> pa.Table:
         encoded = encode_batch(tok, [r["prompt"] for r in pending], [r["response"] for r in pending])
-        out = []
+        rows, ids_col, labels_col = [], [], []
         for r, (ids, labels) in zip(pending, encoded):
-            n = len(ids)
-            if n < ctx["min_length"]:
+            if len(ids) < ctx["min_length"]:
                 stats["too_short"] += 1
                 continue
             if not ctx["window"] and truncate(ids, labels, ctx["max_length"]) is None:
                 stats["too_long"] += 1  # the prompt alone fills max_length: nothing left to learn from
                 continue
-            if dd_cfg["exact"]:
-                k = dd.exact_key(r["row_id"])
-                key_rows.append((k % ctx["buckets"], k, r["uid"], b""))  # exact keys need no signature
-            if dd_cfg["near"]:
-                sig = dd.minhash(r["content"], dd_cfg["num_perm"], dd_cfg["shingle"], ctx["seed"]).tobytes()
-                for k in dd.band_keys(np.frombuffer(sig, np.uint32), bands, rows_per_band):
-                    key_rows.append((k % ctx["buckets"], k, r["uid"], sig))
-            r.pop("content", None)
-            out.append({**r, "input_ids": ids, "labels": labels, "num_tokens": n, "augment": ""})
-            stats["rows"] += 1
-            stats["tokens"] += n
+            rows.append(r)
+            ids_col.append(ids)
+            labels_col.append(labels)
         pending.clear()
-        return pa.Table.from_pylist(out, schema=schema)
+        uids = np.fromiter((r["uid"] for r in rows), dtype=np.int64, count=len(rows))
+        if dd_cfg["exact"]:  # exact keys need no signature
+            key_parts.append((np.fromiter((dd.exact_key(r["row_id"]) for r in rows), dtype=np.int64, count=len(rows)), uids, None))
+        if dd_cfg["near"] and rows:
+            sigs = dd.minhash_batch([r["content"] for r in rows], dd_cfg["num_perm"], dd_cfg["shingle"], ctx["seed"])
+            sig_bytes = [s.tobytes() for s in sigs]
+            key_parts.append((dd.band_keys_batch(sigs, bands, rows_per_band).ravel(), np.repeat(uids, bands),
+                              [s for s in sig_bytes for _ in range(bands)]))
+        num_tokens = [len(x) for x in ids_col]
+        stats["rows"] += len(rows)
+        stats["tokens"] += sum(num_tokens)
+        cols = {k: [r[k] for r in rows] for k in ("row_id", "source", "prompt", "response", "label", "metadata", "uid", "messages")}
+        return pa.table({**cols, "input_ids": ids_col, "labels": labels_col, "num_tokens": num_tokens,
+                         "augment": [""] * len(rows)}, schema=schema)
 
     for line, obj, raw, reason in read_chunk(path, int(chunk["start"]), int(chunk["end"]), int(chunk["first_line"])):
         stats["read"] += 1
@@ -184,17 +188,18 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
         pending.append({
             "uid": _uid(src_idx, file_idx, line), "row_id": _row_id(prompt, response), "source": name,
             "prompt": prompt, "response": response,
+            # The messages are only read again to augment: otherwise not worth a JSON encoding per row.
             "messages": json.dumps(messages if messages is not None else [{"role": "text", "content": fields["text"]}],
-                                   ensure_ascii=False),
+                                   ensure_ascii=False) if ctx["keep_messages"] else None,
             "label": _passthrough(fields["label"]), "metadata": _passthrough(fields["metadata"]),
-            "content": content_text(messages, fields.get("text")),
+            "content": content_text(messages, fields.get("text")) if dd_cfg["near"] else None,
         })
         if len(pending) >= OUT_BATCH:
             yield flush()
     if pending:
         yield flush()
     chunk_id = f"{src_idx:04d}-{file_idx:06d}-{int(chunk['start']):012d}"
-    _write_key_buckets(key_rows, f"{ctx['tmp']}/_keys", chunk_id)
+    _write_key_buckets(key_parts, ctx["buckets"], f"{ctx['tmp']}/_keys", chunk_id)
     if quarantine:
         _write_text(f"{ctx['tmp']}/quarantine/{chunk_id}.jsonl", "\n".join(quarantine) + "\n")
     _write_text(f"{ctx['tmp']}/_stats/{chunk_id}.json", json.dumps({"source": name, "file": path, **stats}))
@@ -203,9 +208,10 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
 # --------------------------------------------------------------------------- pass 2: dedupe
 
 
-def _write_key_buckets(key_rows: list, root: str, chunk_id: str) -> None:
-    """Write this chunk's (key, uid, signature) rows into one Parquet file per key bucket.
+def _write_key_buckets(key_parts: list, buckets: int, root: str, chunk_id: str) -> None:
+    """Write this chunk's (key, uid, signature) rows into one Parquet file per key bucket (key % buckets).
 
+    `key_parts`: (int64 keys, int64 uids, signature bytes per row or None for exact keys) per flush.
     This is the map side of a shuffle through files: pass 2 reads each bucket's files in one task.
     It costs one small file per (chunk, bucket) and no all-to-all exchange between processes, which
     on few cores is several times cheaper than a generic hash shuffle of the same narrow rows.
@@ -214,13 +220,19 @@ def _write_key_buckets(key_rows: list, root: str, chunk_id: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    by_bucket: dict[int, list] = {}
-    for bucket, key, uid, sig in key_rows:
-        by_bucket.setdefault(bucket, []).append((key, uid, sig))
-    for bucket, rows in by_bucket.items():
-        keys, uids, sigs = zip(*rows)
-        table = pa.table({"key": pa.array(keys, pa.int64()), "uid": pa.array(uids, pa.int64()), "sig": pa.array(sigs, pa.binary())})
-        fs, path = fsspec.core.url_to_fs(f"{root}/b{bucket:05d}/{chunk_id}.parquet")
+    if not key_parts:
+        return
+    keys = np.concatenate([k for k, _, _ in key_parts])
+    uids = np.concatenate([u for _, u, _ in key_parts])
+    sigs = pa.array([s for k, _, sig in key_parts for s in (sig if sig is not None else [b""] * len(k))], pa.binary())
+    bucket = keys % buckets
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.flatnonzero(np.diff(bucket[order])) + 1
+    for idx in np.split(order, bounds):
+        if not len(idx):
+            continue
+        table = pa.table({"key": pa.array(keys[idx]), "uid": pa.array(uids[idx]), "sig": sigs.take(pa.array(idx))})
+        fs, path = fsspec.core.url_to_fs(f"{root}/b{int(bucket[idx[0]]):05d}/{chunk_id}.parquet")
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as f:
             pq.write_table(table, f)
@@ -306,28 +318,35 @@ def _encode_rows(rows: list[dict], ctx: dict) -> list[dict]:
     return rows
 
 
-def select_rows(batch, ctx: dict, repeats: bool = True):
-    """Drop duplicates, bring each source to its mix share and attach the split: the same decision
-    for every branch. Upsampled training rows are repeated with row_id `<id>-r<k>` (`repeats`)."""
+def select_table(batch, ctx: dict, repeats: bool = True):
+    """Drop duplicates, bring each source to its mix share and add the `split` column: the same
+    decision for every branch. Upsampled training rows are repeated with row_id `<id>-r<k>`
+    (`repeats`). Only the row ids and sources leave Arrow; the token columns are taken as they are."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if len(ctx["dups"]):
         batch = batch.filter(pc.invert(pc.is_in(batch["uid"], value_set=pa.array(ctx["dups"], pa.int64()))))
-    rows = batch.to_pylist()
     seed, rates = ctx["seed"], ctx["rates"]
-    out = []
-    for r in rows:
-        rate = rates[r["source"]]
-        n = copies_of(rate, unit_hash("mix", seed, r["row_id"])) if rate != 1.0 else 1
+    take, row_ids, splits = [], [], []
+    for i, (rid, source) in enumerate(zip(batch["row_id"].to_pylist(), batch["source"].to_pylist())):
+        rate = rates[source]
+        n = copies_of(rate, unit_hash("mix", seed, rid)) if rate != 1.0 else 1
         if n == 0:
             continue
-        u = unit_hash("split", seed, r["row_id"])
-        r["split"] = "val" if u < ctx["val"] else "test" if u < ctx["val"] + ctx["test"] else "train"
-        out.append(r)
-        if repeats and r["split"] == "train":  # val and test measure the data as it is: never repeated
-            out.extend({**r, "row_id": f"{r['row_id']}-r{k}"} for k in range(1, n))
-    return out
+        u = unit_hash("split", seed, rid)
+        split = "val" if u < ctx["val"] else "test" if u < ctx["val"] + ctx["test"] else "train"
+        take.append(i)
+        row_ids.append(rid)
+        splits.append(split)
+        if repeats and split == "train":  # val and test measure the data as it is: never repeated
+            for k in range(1, n):
+                take.append(i)
+                row_ids.append(f"{rid}-r{k}")
+                splits.append(split)
+    out = batch.take(pa.array(take, pa.int64()))
+    out = out.set_column(out.schema.get_field_index("row_id"), "row_id", pa.array(row_ids, pa.string()))
+    return out.append_column("split", pa.array(splits, pa.string()))
 
 
 def finalize_batch(batch, ctx: dict):
@@ -338,11 +357,24 @@ def finalize_batch(batch, ctx: dict):
 
 def _finalize_batch(batch, ctx: dict):
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    rows = select_rows(batch, ctx)
+    table = select_table(batch, ctx)
     aug = ctx["augment"]
+    copy_rows = bool(aug["copies"] and (aug["synonyms"] is not None or aug["reorder"] is not None))
+    if not copy_rows and not ctx["window"] and not ctx["packing"]:
+        # Originals only, cut to max_length in Arrow. Ingest already dropped the rows whose prompt
+        # alone fills max_length, so this slice is exactly `truncate`.
+        ids = pc.list_slice(table["input_ids"], 0, ctx["max_length"])
+        labels = pc.list_slice(table["labels"], 0, ctx["max_length"])
+        table = (table.set_column(table.schema.get_field_index("input_ids"), "input_ids", ids)
+                 .set_column(table.schema.get_field_index("labels"), "labels", labels)
+                 .set_column(table.schema.get_field_index("num_tokens"), "num_tokens",
+                             pc.list_value_length(ids).cast(pa.int32())))
+        return write_table(table.select(_schema(False).names), ctx, "part")
+    rows = table.to_pylist()
     copies = []
-    if aug["copies"] and (aug["synonyms"] is not None or aug["reorder"] is not None):
+    if copy_rows:
         syn = _synonyms(aug["synonyms"]["groups"]) if aug["synonyms"] else None
         for r in rows:
             if r["split"] != "train":
@@ -358,39 +390,44 @@ def _finalize_batch(batch, ctx: dict):
 def select_for_back_translation(batch, ctx: dict):
     import pyarrow as pa
 
-    rows = [r for r in select_rows(batch, ctx, repeats=False)
-            if r["split"] == "train" and unit_hash("bt", ctx["augment"]["seed"], r["row_id"]) < ctx["bt_probability"]]
-    cols = ["uid", "row_id", "source", "messages", "label", "metadata", "split"]
-    return pa.Table.from_pylist([{k: r[k] for k in cols} for r in rows],
-                                schema=pa.schema([(k, pa.int64() if k == "uid" else pa.string()) for k in cols]))
+    table = select_table(batch, ctx, repeats=False)
+    seed, p = ctx["augment"]["seed"], ctx["bt_probability"]
+    chosen = [split == "train" and unit_hash("bt", seed, rid) < p
+              for rid, split in zip(table["row_id"].to_pylist(), table["split"].to_pylist())]
+    return table.filter(pa.array(chosen, pa.bool_())).select(["uid", "row_id", "source", "messages", "label", "metadata", "split"])
 
 
 def finalize_translated(batch, ctx: dict):
-    import pyarrow as pa
-
     with _no_gc():
         return write_rows(_shape(_encode_rows(batch.to_pylist(), ctx), ctx), ctx, "bt")
 
 
 def write_rows(rows: list[dict], ctx: dict, prefix: str):
-    """Write a batch's rows into `<tmp>/<split>/` and return its summary (see split_summary).
+    """`write_table` for rows as dicts."""
+    import pyarrow as pa
+
+    return write_table(pa.Table.from_pylist(rows, schema=_schema(False)), ctx, prefix)
+
+
+def write_table(table, ctx: dict, prefix: str):
+    """Write a batch's rows (final schema, with `split`) into `<tmp>/<split>/` and return its summary
+    (see split_summary).
 
     Files are named by a hash of their row ids, so a retried task overwrites its own files
     instead of adding rows; writing here, not in a separate sink, lets one pass both write and count.
     """
     import fsspec
-    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(rows, schema=_schema(False))
     for split in SPLITS:
-        part = [r for r in rows if r["split"] == split]
-        if not part:
+        part = table.filter(pc.equal(table["split"], split))
+        if not part.num_rows:
             continue
-        name = hashlib.sha1("".join(r["row_id"] for r in part).encode()).hexdigest()[:20]
+        name = hashlib.sha1("".join(part["row_id"].to_pylist()).encode()).hexdigest()[:20]
         fs, path = fsspec.core.url_to_fs(f"{ctx['tmp']}/{split}/{prefix}-{name}.parquet")
         with fs.open(path, "wb") as f:
-            pq.write_table(pa.Table.from_pylist(part, schema=_schema(False)).drop_columns(["split"]), f)
+            pq.write_table(part.drop_columns(["split"]), f)
     return split_summary(table)
 
 
@@ -408,18 +445,28 @@ def split_summary(batch) -> Any:
     """Per (split, source) of a batch: rows, tokens, augmented rows, tokens of original rows and an
     order-independent digest (two 64-bit sums of per-row sha256) of the token content."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
+    def flat(col: str) -> tuple[np.ndarray, np.ndarray]:
+        """The column's int32 values end to end, and each row's offset into them (n + 1)."""
+        lists = batch[col]
+        lens = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+        return (pc.list_flatten(lists).to_numpy(zero_copy_only=False).astype(np.int32, copy=False),
+                np.concatenate([[0], np.cumsum(lens)]))
+
+    ids, off = flat("input_ids")
+    labels, loff = flat("labels")
     acc: dict[tuple[str, str], list[int]] = {}
-    cols = batch.to_pydict()
-    for split, source, rid, ids, labels, aug in zip(cols["split"], cols["source"], cols["row_id"], cols["input_ids"],
-                                                    cols["labels"], cols["augment"]):
-        d = hashlib.sha256(f"{split}|{rid}|".encode() + np.asarray(ids, np.int32).tobytes() + b"|"
-                           + np.asarray(labels, np.int32).tobytes()).digest()
+    for i, (split, source, rid, aug) in enumerate(zip(batch["split"].to_pylist(), batch["source"].to_pylist(),
+                                                      batch["row_id"].to_pylist(), batch["augment"].to_pylist())):
+        n = int(off[i + 1] - off[i])
+        d = hashlib.sha256(f"{split}|{rid}|".encode() + ids[off[i]:off[i + 1]].tobytes() + b"|"
+                           + labels[loff[i]:loff[i + 1]].tobytes()).digest()
         a = acc.setdefault((split, source), [0, 0, 0, 0, 0, 0])
         a[0] += 1
-        a[1] += len(ids)
+        a[1] += n
         a[2] += bool(aug)
-        a[3] += 0 if aug else len(ids)
+        a[3] += 0 if aug else n
         a[4] = (a[4] + int.from_bytes(d[:8], "little")) % 2**63  # int64-safe sums; two lanes make collisions negligible
         a[5] = (a[5] + int.from_bytes(d[8:16], "little")) % 2**63
     keys = list(acc)
@@ -533,6 +580,8 @@ def prepare(cfg: Config, log=None) -> dict:
         "dedupe": data.dedupe.model_dump(),
         # Key buckets of pass 2: at least one per CPU, and about 32 MB of corpus each.
         "buckets": int(max(cpus, min(4096, sizes // (32 << 20) + 1))),
+        # Augmented copies are made from the rows' messages; nothing else reads them after ingest.
+        "keep_messages": bool(aug.copies and (aug.synonyms or aug.reorder or aug.back_translate)),
     }
     ray.data.DataContext.get_current().enable_progress_bars = False
     stage = f"{tmp}/_stage"

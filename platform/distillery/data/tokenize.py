@@ -21,13 +21,36 @@ def load_tokenizer_cached(path: str):
     return load_tokenizer(path)
 
 
+def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, straight from the Rust tokenizer
+    when the tokenizer class adds nothing around it (then the ids are the same, without building
+    offsets, attention masks and a BatchEncoding per row: about a third of the time)."""
+    if _plain_backend(tokenizer):
+        return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _plain_backend(tokenizer) -> bool:
+    """True when `tokenizer.__call__` is the fast tokenizer base class's own encode path, with no
+    truncation or padding configured and special tokens handled as the Rust tokenizer is set to."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    return (isinstance(tokenizer, TokenizersBackend) and backend is not None
+            and cls.__call__ is PreTrainedTokenizerBase.__call__ and cls._encode_plus is TokenizersBackend._encode_plus
+            and backend.truncation is None and backend.padding is None
+            and bool(backend.encode_special_tokens) == bool(tokenizer.split_special_tokens))
+
+
 def encode_batch(tokenizer, prompts: list[str], responses: list[str]) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per row; prompt tokens are masked, the response gets eos appended once."""
     if not responses:
         return []
     eos = tokenizer.eos_token_id
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if any(prompts) else [[] for _ in prompts]
-    r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    p_ids = token_ids(tokenizer, prompts) if any(prompts) else [[] for _ in prompts]
+    r_ids = token_ids(tokenizer, responses)
     out = []
     for p, r in zip(p_ids, r_ids):
         if eos is not None and (not r or r[-1] != eos):
