@@ -5,8 +5,9 @@
 Both sides do the same transforms on the same generated corpus (plain-text and instruction JSONL
 with bad rows, exact and near copies): read, validate, normalise, render through the chat template,
 tokenise (batches of 1024 on both sides), length filter, exact + MinHash near dedupe, mix, split,
-truncate and write Parquet splits. The loop holds its dedupe index in memory, as such a script
-would. Each side runs in its own subprocess so peak driver RSS (sampled) is its own; Ray's
+truncate and write Parquet splits. The loop holds its dedupe index in memory and computes each
+row's MinHash signature on its own, as such a script would; the pipeline computes signatures for
+a whole batch in one set of numpy operations (`dedupe.minhash_batch`, the same signatures). Each side runs in its own subprocess so peak driver RSS (sampled) is its own; Ray's
 start-up is reported apart from the pipeline time. Prints a table and writes
 benchmarks/results/prepare.json.
 """

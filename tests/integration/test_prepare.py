@@ -264,6 +264,17 @@ def test_clear_errors_for_unusable_sources(ray_local, tmp_path, corpus, demo_cor
     cfg.data.sources[2].path = str(tmp_path / "nothing" / "*.jsonl")
     with pytest.raises(ConfigError, match="data.sources.2.path"):
         prepare(cfg)
+    # A tokenizer whose files exist but cannot be loaded: the tasks that load it say which setting is wrong.
+    broken = tmp_path / "broken-tokenizer"
+    broken.mkdir()
+    for f in tiny_teacher.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "config.json")):
+            shutil.copy(f, broken / f.name)
+    (broken / "tokenizer.json").write_text("{not json")
+    cfg = make_cfg(tmp_path / "o2", corpus, demo_corpus, tiny_teacher)
+    cfg.model.path = str(broken)
+    with pytest.raises(ConfigError, match=r"^model.path / model.tokenizer: cannot load a tokenizer from '.*broken-tokenizer'"):
+        prepare(cfg)
 
 
 def _generate(path: Path, n: int) -> None:

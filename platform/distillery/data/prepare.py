@@ -9,10 +9,11 @@ Three Ray Data passes; the driver only ever holds file lists, counts and the uid
 1. **ingest** (one task per file chunk): read with file and line, validate, normalise (NFC,
    whitespace), render through the chat template, tokenise, filter by length, compute the dedupe
    keys (exact hash + MinHash LSH bands). Bad rows go to `quarantine/` with reason, file and line.
-   Output: a staged Parquet table, and the (key, uid, signature) rows bucketed by key into files.
+   Output: the chunk's staged Parquet file, and its (key, uid, signature) rows bucketed by key
+   into files.
 2. **dedupe** (one task per key bucket): rows sharing a key are compared; each task returns the
    rows that copy (exactly, or above the MinHash threshold) an earlier row.
-3. **finalise**: drop duplicates, mix sources to their weights, split by a hash of the row,
+3. **finalise** (one task per staged file): drop duplicates, mix sources to their weights, split by a hash of the row,
    augment training rows (synonyms, clause reordering, back-translation), cut to `max_length`
    (truncation, sliding windows, packing), write `<split>/*.parquet` and stream back per-batch
    counts and digests (rows, tokens, the fingerprint's order-independent sums).
@@ -33,6 +34,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from functools import lru_cache
 from typing import Any, Iterator
 
 import numpy as np
@@ -42,7 +44,7 @@ from distillery.data import dedupe as dd
 from distillery.data.augment import Synonyms, augment_messages, load_synonyms, provenance
 from distillery.data.mix import copies_of, keep_rates, ratios, unit_hash
 from distillery.data.normalize import content_text, normalize_fields, render, to_messages
-from distillery.data.read import discover_files, index_file, read_chunk
+from distillery.data.read import discover_files, file_kind, index_file, read_chunk
 from distillery.data.splits import MANIFEST, SPLITS
 from distillery.data.tokenize import encode_batch, load_tokenizer_cached, pack, truncate, windows
 from distillery.data.validate import Invalid, validate
@@ -110,22 +112,47 @@ def _write_text(path: str, text: str) -> None:
 # --------------------------------------------------------------------------- pass 1: ingest
 
 
-def ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
-    """Ray Data UDF over one chunk descriptor: yields staged rows; writes quarantine and stats beside."""
-    with _no_gc():
-        yield from _ingest_chunk(batch, ctx)
+def chunk_id(chunk: dict) -> str:
+    """The name of everything a chunk's ingest task writes: sorts in source, file and byte order."""
+    return f"{int(chunk['source_idx']):04d}-{int(chunk['file_idx']):06d}-{int(chunk['start']):012d}"
 
 
-def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
-    import pyarrow as pa
+def ingest_chunk(batch: dict, ctx: dict) -> dict:
+    """Ray Data UDF over one chunk descriptor: writes the chunk's staged rows, dedupe keys,
+    quarantine and stats under `ctx["tmp"]`; returns the chunk's id.
+
+    The task writes its staged rows itself, one Parquet row group per batch of OUT_BATCH rows,
+    rather than handing them to a Ray Data write: nothing crosses the object store, and the next
+    pass finds one file per chunk, named by it, to give to one task each.
+    """
+    import fsspec
+    import pyarrow.parquet as pq
 
     (chunk,) = [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+    cid = chunk_id(chunk)
+    fs, path = fsspec.core.url_to_fs(f"{ctx['tmp']}/_stage/{cid}.parquet")
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    writer = None
+    with _no_gc(), fs.open(path, "wb") as f:
+        for table in _ingest_chunk(chunk, ctx, cid):
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+        if writer is not None:
+            writer.close()
+    if writer is None:  # nothing valid in the chunk: no staged file
+        fs.rm(path)
+    return {"chunk": np.array([cid])}
+
+
+def _ingest_chunk(chunk: dict, ctx: dict, cid: str) -> Iterator[Any]:
+    import pyarrow as pa
+
     src_idx, file_idx = int(chunk["source_idx"]), int(chunk["file_idx"])
     name, fmt, path = chunk["source"], chunk["format"], chunk["file"]
-    tok = load_tokenizer_cached(ctx["tokenizer"])
+    tok = _worker_tokenizer(ctx["tokenizer"])
     stats: Counter = Counter()
     quarantine: list[str] = []
-    key_parts: list[tuple[np.ndarray, np.ndarray, list[bytes] | None]] = []  # (keys, uids, signatures) for pass 2
+    key_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []  # (keys, uids, signatures) for pass 2
     pending: list[dict] = []
     schema = _schema(True)
     dd_cfg = ctx["dedupe"]
@@ -157,9 +184,8 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
             key_parts.append((np.fromiter((dd.exact_key(r["row_id"]) for r in rows), dtype=np.int64, count=len(rows)), uids, None))
         if dd_cfg["near"] and rows:
             sigs = dd.minhash_batch([r["content"] for r in rows], dd_cfg["num_perm"], dd_cfg["shingle"], ctx["seed"])
-            sig_bytes = [s.tobytes() for s in sigs]
             key_parts.append((dd.band_keys_batch(sigs, bands, rows_per_band).ravel(), np.repeat(uids, bands),
-                              [s for s in sig_bytes for _ in range(bands)]))
+                              np.repeat(sigs, bands, axis=0)))
         num_tokens = [len(x) for x in ids_col]
         stats["rows"] += len(rows)
         stats["tokens"] += sum(num_tokens)
@@ -198,11 +224,11 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
             yield flush()
     if pending:
         yield flush()
-    chunk_id = f"{src_idx:04d}-{file_idx:06d}-{int(chunk['start']):012d}"
-    _write_key_buckets(key_parts, ctx["buckets"], f"{ctx['tmp']}/_keys", chunk_id)
+    _write_key_buckets(key_parts, ctx["buckets"], f"{ctx['tmp']}/_keys", cid)
     if quarantine:
-        _write_text(f"{ctx['tmp']}/quarantine/{chunk_id}.jsonl", "\n".join(quarantine) + "\n")
-    _write_text(f"{ctx['tmp']}/_stats/{chunk_id}.json", json.dumps({"source": name, "file": path, **stats}))
+        _write_text(f"{ctx['tmp']}/quarantine/{cid}.jsonl", "\n".join(quarantine) + "\n")
+    _write_text(f"{ctx['tmp']}/_stats/{cid}.json",
+                json.dumps({"source": name, "file": path, "tokenizer": _tokenizer_identity(ctx["tokenizer"]), **stats}))
 
 
 # --------------------------------------------------------------------------- pass 2: dedupe
@@ -211,7 +237,9 @@ def _ingest_chunk(batch: dict, ctx: dict) -> Iterator[Any]:
 def _write_key_buckets(key_parts: list, buckets: int, root: str, chunk_id: str) -> None:
     """Write this chunk's (key, uid, signature) rows into one Parquet file per key bucket (key % buckets).
 
-    `key_parts`: (int64 keys, int64 uids, signature bytes per row or None for exact keys) per flush.
+    `key_parts`: (int64 keys, int64 uids, uint32[n, num_perm] signatures or None for exact keys)
+    per flush. Signatures are a fixed-size binary column (exact keys get zeros: they are never
+    compared); with near-dedupe off the column is left out.
     This is the map side of a shuffle through files: pass 2 reads each bucket's files in one task.
     It costs one small file per (chunk, bucket) and no all-to-all exchange between processes, which
     on few cores is several times cheaper than a generic hash shuffle of the same narrow rows.
@@ -224,18 +252,24 @@ def _write_key_buckets(key_parts: list, buckets: int, root: str, chunk_id: str) 
         return
     keys = np.concatenate([k for k, _, _ in key_parts])
     uids = np.concatenate([u for _, u, _ in key_parts])
-    sigs = pa.array([s for k, _, sig in key_parts for s in (sig if sig is not None else [b""] * len(k))], pa.binary())
+    width = next((sig.shape[1] for _, _, sig in key_parts if sig is not None), 0)
+    sigs = None
+    if width:
+        sigs = np.concatenate([sig if sig is not None else np.zeros((len(k), width), np.uint32) for k, _, sig in key_parts])
     bucket = keys % buckets
     order = np.argsort(bucket, kind="stable")
     bounds = np.flatnonzero(np.diff(bucket[order])) + 1
     for idx in np.split(order, bounds):
         if not len(idx):
             continue
-        table = pa.table({"key": pa.array(keys[idx]), "uid": pa.array(uids[idx]), "sig": sigs.take(pa.array(idx))})
+        cols = {"key": pa.array(keys[idx]), "uid": pa.array(uids[idx])}
+        if sigs is not None:
+            cols["sig"] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(4 * width), len(idx), [None, pa.py_buffer(np.ascontiguousarray(sigs[idx]).tobytes())])
         fs, path = fsspec.core.url_to_fs(f"{root}/b{int(bucket[idx[0]]):05d}/{chunk_id}.parquet")
         fs.makedirs(os.path.dirname(path), exist_ok=True)
         with fs.open(path, "wb") as f:
-            pq.write_table(table, f)
+            pq.write_table(pa.table(cols), f)
 
 
 def duplicates_in_bucket(batch: dict, root: str, threshold: float, num_perm: int) -> dict:
@@ -254,11 +288,11 @@ def duplicates_in_bucket(batch: dict, root: str, threshold: float, num_perm: int
         with fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh))
     t = pa.concat_tables(tables)
-    sig_col = t["sig"].to_pylist()
-    zero = bytes(4 * num_perm)
     sigs = None
-    if any(sig_col):
-        sigs = np.frombuffer(b"".join(s or zero for s in sig_col), dtype=np.uint32).reshape(len(sig_col), num_perm)
+    if "sig" in t.column_names:
+        col = t["sig"].combine_chunks()
+        values = np.frombuffer(col.buffers()[1], dtype=np.uint32)
+        sigs = values[col.offset * num_perm:(col.offset + len(col)) * num_perm].reshape(len(col), num_perm)
     with _no_gc():
         found = dd.find_duplicates(t["key"].to_numpy(), t["uid"].to_numpy(), sigs, threshold)
     return {"uid": np.array(list(found), dtype=np.int64), "kind": np.array(list(found.values()), dtype=object)}
@@ -306,7 +340,7 @@ def _shape(rows: list[dict], ctx: dict) -> list[dict]:
 
 def _encode_rows(rows: list[dict], ctx: dict) -> list[dict]:
     """Render and tokenise rows whose `messages` changed (augmented copies)."""
-    tok = load_tokenizer_cached(ctx["tokenizer"])
+    tok = _worker_tokenizer(ctx["tokenizer"])
     for r in rows:
         msgs = json.loads(r["messages"])
         text = msgs[0]["content"] if msgs[0]["role"] == "text" else None
@@ -347,6 +381,20 @@ def select_table(batch, ctx: dict, repeats: bool = True):
     out = batch.take(pa.array(take, pa.int64()))
     out = out.set_column(out.schema.get_field_index("row_id"), "row_id", pa.array(row_ids, pa.string()))
     return out.append_column("split", pa.array(splits, pa.string()))
+
+
+def finalize_file(batch: dict, ctx: dict):
+    """Ray Data UDF over one staged file: `finalize_batch` on each of its row groups; returns the
+    summaries (see split_summary)."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (path,) = batch["path"]
+    fs, p = fsspec.core.url_to_fs(str(path))
+    with fs.open(p, "rb") as f:
+        staged = pq.ParquetFile(f)
+        return pa.concat_tables([finalize_batch(staged.read_row_group(g), ctx) for g in range(staged.num_row_groups)])
 
 
 def finalize_batch(batch, ctx: dict):
@@ -470,10 +518,11 @@ def split_summary(batch) -> Any:
         a[4] = (a[4] + int.from_bytes(d[:8], "little")) % 2**63  # int64-safe sums; two lanes make collisions negligible
         a[5] = (a[5] + int.from_bytes(d[8:16], "little")) % 2**63
     keys = list(acc)
+    names = ["rows", "tokens", "augmented", "orig_tokens", "h1", "h2"]
     return pa.table({
         "split": [k[0] for k in keys], "source": [k[1] for k in keys],
-        **{name: [acc[k][i] for k in keys] for i, name in enumerate(["rows", "tokens", "augmented", "orig_tokens", "h1", "h2"])},
-    })
+        **{name: [acc[k][i] for k in keys] for i, name in enumerate(names)},
+    }, schema=pa.schema([("split", pa.string()), ("source", pa.string())] + [(n, pa.int64()) for n in names]))
 
 
 # --------------------------------------------------------------------------- driver
@@ -499,7 +548,10 @@ def _tokenizer_path(cfg: Config) -> str:
     return path
 
 
-def _tokenizer_identity(path: str, tok) -> dict:
+@lru_cache(maxsize=4)
+def _tokenizer_identity(path: str) -> dict:
+    """What the manifest records of the tokenizer: path, class, vocabulary, eos, file and template hashes."""
+    tok = _worker_tokenizer(path)
     digest = hashlib.sha256()
     d = _tokenizer_dir(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -509,6 +561,42 @@ def _tokenizer_identity(path: str, tok) -> dict:
                 digest.update(f.read())
     return {"path": str(path), "class": type(tok).__name__, "vocab_size": len(tok), "sha256": digest.hexdigest(),
             "eos_token": tok.eos_token, "chat_template_sha256": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()}
+
+
+def _worker_tokenizer(path: str):
+    """The tokenizer in a task; a tokenizer that cannot be loaded is a configuration error."""
+    # Ray already runs one task per CPU: the Rust tokenizer's own thread pool in every task would
+    # put several threads on each core (measured: the tokenizer's share of the work 1.7x slower).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        return load_tokenizer_cached(path)
+    except Exception as e:  # noqa: BLE001 - whatever the files are, the user must learn which setting names them
+        raise ConfigError(f"model.path / model.tokenizer: cannot load a tokenizer from '{path}': {type(e).__name__}: {e}") from None
+
+
+@contextlib.contextmanager
+def _config_errors_from_tasks():
+    """Re-raise a ConfigError that a Ray task raised as itself, so the CLI reports it as one.
+
+    Ray Data wraps a task's exception (RayTaskError, UserCodeException); depending on the path
+    the original survives as a `cause` or only in the wrapper's text, so both are searched.
+    """
+    import re
+
+    marker = re.compile(re.escape(f"{ConfigError.__module__}.{ConfigError.__qualname__}: ") + r"(.+)")
+    try:
+        yield
+    except Exception as e:
+        seen, err = set(), e
+        while err is not None and id(err) not in seen:
+            seen.add(id(err))
+            if type(err) is ConfigError:  # Ray's wrappers subclass it too, with the traceback as text
+                raise ConfigError(str(err)) from None
+            found = marker.search(str(err))
+            if found:
+                raise ConfigError(found.group(1).strip()) from None
+            err = getattr(err, "cause", None) or err.__cause__
+        raise
 
 
 class Progress:
@@ -535,8 +623,9 @@ def prepare(cfg: Config, log=None) -> dict:
     names = [s.display_name for s in data.sources]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.sources: source names must be unique to be mixed and reported, got {names}; set `name`")
+    # The tokenizer is loaded by the tasks that use it, not here: the driver would spend seconds
+    # importing torch for nothing but the manifest's tokenizer identity, which the tasks report.
     tok_path = _tokenizer_path(cfg)
-    tok = load_tokenizer_cached(tok_path)
     aug = data.augment
     aug_seed = cfg.seed if aug.seed is None else aug.seed
     synonyms = None
@@ -558,7 +647,7 @@ def prepare(cfg: Config, log=None) -> dict:
     # enough that per-task overhead stays small.
     sizes = sum(_file_size(f) for _, _, fs in files for f in fs)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    chunk_bytes = int(min(64 << 20, max(256 << 10, sizes / (4 * cpus))))
+    chunk_bytes = int(min(64 << 20, max(256 << 10, sizes / (8 * cpus))))
     index_remote = ray.remote(num_cpus=1)(index_file)
     refs = [[index_remote.remote(f, chunk_bytes) for f in fs] for _, _, fs in files]
     chunks, source_files = [], []
@@ -585,15 +674,20 @@ def prepare(cfg: Config, log=None) -> dict:
     }
     ray.data.DataContext.get_current().enable_progress_bars = False
     stage = f"{tmp}/_stage"
-    ingest = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+    # Longest chunks first, so the last tasks to start are short ones and no core idles at the end.
+    by_size = sorted(chunks, key=lambda c: c["end"] - c["start"] if file_kind(c["file"]) == "jsonl" else 0, reverse=True)
+    ingest = ray.data.from_items(by_size, override_num_blocks=len(chunks)).map_batches(
         ingest_chunk, batch_size=1, batch_format="numpy", fn_kwargs={"ctx": ctx})
-    ingest.write_parquet(stage)
+    with _config_errors_from_tasks():
+        for _ in ingest.iter_batches(batch_size=None):
+            pass
 
     # Counts from the ingest tasks' stats files.
     per_source: dict[str, Counter] = {n: Counter() for n in names}
     for name in os.listdir(f"{tmp}/_stats"):
         with open(f"{tmp}/_stats/{name}", encoding="utf-8") as f:
             st = json.load(f)
+        identity = st.pop("tokenizer")
         per_source[st.pop("source")].update({k: v for k, v in st.items() if k != "file"})
     total = sum(per_source.values(), Counter())
     quarantine = {k.split(":", 1)[1]: v for k, v in sorted(total.items()) if k.startswith("quarantine:")}
@@ -635,13 +729,14 @@ def prepare(cfg: Config, log=None) -> dict:
                     "reorder": aug.reorder.probability if aug.reorder else None},
         "bt_probability": aug.back_translate.probability if aug.back_translate else 0.0,
     })
-    staged = ray.data.read_parquet(stage)
-    out = staged.map_batches(finalize_batch, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
+    staged_files = sorted(f"{stage}/{n}" for n in os.listdir(stage)) if os.path.isdir(stage) else []
+    out = ray.data.from_items([{"path": p} for p in staged_files], override_num_blocks=max(1, len(staged_files))).map_batches(
+        finalize_file, batch_size=1, batch_format="numpy", fn_kwargs={"ctx": ctx})
     if aug.back_translate and aug.copies:
         from distillery.data.back_translate import BackTranslator
 
         bt = aug.back_translate
-        translated = (staged.map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
+        translated = (ray.data.read_parquet(staged_files).map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
                       .map_batches(BackTranslator, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_format="numpy",
                                    fn_constructor_kwargs={"model": bt.model, "pivot_prompt": bt.pivot_prompt,
                                                           "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens,
@@ -656,7 +751,7 @@ def prepare(cfg: Config, log=None) -> dict:
         for r in b.itertuples(index=False):
             acc = totals.setdefault((r.split, r.source), np.zeros(6, dtype=object))
             acc += np.array([r.rows, r.tokens, r.augmented, r.orig_tokens, r.h1, r.h2], dtype=object)
-    shutil.rmtree(stage)
+    shutil.rmtree(stage, ignore_errors=True)
     splits: dict[str, dict] = {}
     fp = hashlib.sha256()
     for split in SPLITS:
@@ -684,8 +779,8 @@ def prepare(cfg: Config, log=None) -> dict:
     manifest = {
         "fingerprint": fingerprint,
         "tokenizer": str(tok_path),
-        "tokenizer_identity": _tokenizer_identity(tok_path, tok),
-        "vocab_size": len(tok),
+        "tokenizer_identity": identity,
+        "vocab_size": identity["vocab_size"],
         "counts": {s: splits[s]["rows"] for s in SPLITS},
         "splits": splits,
         "steps": {
