@@ -88,13 +88,13 @@ def minhash_batch(texts: list[str], num_perm: int = 64, shingle: int = 5, seed: 
                     h = h * _POLY + c[j : j + n] + np.uint64(1)
             starts = np.concatenate([[0], np.cumsum(lens[full])[:-1]])
             w = wins[full]
+            seg = np.concatenate([[0], np.cumsum(w)[:-1]])  # where each text's windows begin once gathered
             # Window positions inside each text: start_t .. start_t + wins_t - 1.
-            first = np.repeat(starts - np.concatenate([[0], np.cumsum(w)[:-1]]), w)
-            h = h[np.arange(int(w.sum())) + first]
+            h = h[np.arange(int(w.sum())) + np.repeat(starts - seg, w)]
             with np.errstate(over="ignore"):
                 v = a * h[None, :]
                 v += b
-            mins = np.minimum.reduceat(v, np.concatenate([[0], np.cumsum(w)[:-1]]), axis=1)
+            mins = np.minimum.reduceat(v, seg, axis=1)
             out[full] = (mins >> np.uint64(32)).astype(np.uint32).T
         for i in range(lo, hi):
             if wins[i] == 0:
