@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from distillery.config import Config, ConfigError, validate_tree
+from distillery.rung_gate import decision_callback, rung_iterations
 from distillery.runtime import ensure_ray
 from distillery.search_space import to_tune_space, validate_search_space, with_values
 
@@ -53,6 +54,12 @@ def reports_per_trial(cfg: Config) -> int:
     return math.ceil(cfg.train.max_steps / cfg.train.eval_every)
 
 
+def asha_rungs(cfg: Config) -> list[int]:
+    """The Tune iterations at which ASHA may stop a trial of this search."""
+    max_t = reports_per_trial(cfg)
+    return rung_iterations(min(cfg.tune.grace_period, max_t), cfg.tune.reduction_factor, max_t)
+
+
 def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     """One Tune trial: the base config with `params` applied, trained by Ray Train, reported to Tune."""
     from ray import tune
@@ -63,7 +70,8 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     base = validate_tree(yaml.safe_load(base_yaml), "tune base config")
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output_dir": os.path.join(trials_root, trial_id)})
-    trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()])
+    gate = {"trial_id": trial_id, "iterations": asha_rungs(cfg)} if cfg.tune.scheduler == "asha" else None
+    trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
 
 
@@ -139,9 +147,10 @@ def build_tuner(cfg: Config):
     else:  # random search, seeded like everything else: a re-run draws the same trials
         searcher = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=_concurrency(cfg))  # an instance takes no TuneConfig limit
     if tc.scheduler == "asha":
+        max_t = reports_per_trial(cfg)
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=tc.metric, mode=tc.mode, max_t=reports_per_trial(cfg),
-            grace_period=min(tc.grace_period, reports_per_trial(cfg)), reduction_factor=tc.reduction_factor,
+            time_attr="training_iteration", metric=tc.metric, mode=tc.mode, max_t=max_t,
+            grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor,
         )
     else:
         scheduler = FIFOScheduler()
@@ -157,7 +166,7 @@ def build_tuner(cfg: Config):
             metric=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.metric,
             mode=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.mode,
         ),
-        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor()]),
+        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor(), decision_callback()]),
     )
 
 

@@ -45,7 +45,7 @@ from distillery.data.augment import Synonyms, augment_messages, load_synonyms, p
 from distillery.data.mix import copies_of, keep_rates, ratios, unit_hash
 from distillery.data.normalize import content_text, normalize_fields, render, to_messages
 from distillery.data.read import discover_files, file_kind, index_file, read_chunk
-from distillery.data.splits import MANIFEST, SPLITS
+from distillery.data.splits import MANIFEST, SPLITS, read_parquet
 from distillery.data.tokenize import encode_batch, load_tokenizer_cached, pack, truncate, windows
 from distillery.data.validate import Invalid, validate
 
@@ -736,7 +736,7 @@ def prepare(cfg: Config, log=None) -> dict:
         from distillery.data.back_translate import BackTranslator
 
         bt = aug.back_translate
-        translated = (ray.data.read_parquet(staged_files).map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
+        translated = (read_parquet(staged_files).map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
                       .map_batches(BackTranslator, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_format="numpy",
                                    fn_constructor_kwargs={"model": bt.model, "pivot_prompt": bt.pivot_prompt,
                                                           "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens,

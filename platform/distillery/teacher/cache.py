@@ -44,7 +44,7 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
-from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, split_dir
+from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, split_dir
 
 CACHE_MANIFEST = "cache_manifest.json"
 SPLIT_COL = "cache_split"  # which split a row belongs to while the splits are scored together; not stored
@@ -301,13 +301,11 @@ def check_cache(cfg: Config) -> dict[str, Any]:
 
 def read_cache(cfg: Config, split: str):
     """The cached split as a streaming `ray.data.Dataset` (prepared columns + teacher columns), after `check_cache`."""
-    import ray.data
-
     check_cache(cfg)
     d = os.path.join(cfg.teacher_cache_dir, split)
     if not os.path.isdir(d):
         raise TeacherCacheError(f"the teacher cache '{cfg.teacher_cache_dir}' has no split '{split}'")
-    return ray.data.read_parquet(d)
+    return read_parquet(d)
 
 
 def sparse_teacher_batch(ids_rows, logprobs_rows, tail_rows, seq_len: int, top_k: int):

@@ -30,6 +30,7 @@ import yaml
 from distillery.config import Config, validate_tree
 from distillery.models.load import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
 from distillery.models.plan import ParamPlan, apply_method, decoder_layers
+from distillery.rung_gate import report_iteration, wait_for_decision
 from distillery.train.collate import collate
 from distillery.train.objective import finish_eval
 
@@ -335,6 +336,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     cfg: Config = validate_tree(yaml.safe_load(loop_config["config"]), "run config")
     stage, total_steps = loop_config["stage"], loop_config["total_steps"]
+    gate = loop_config.get("gate")  # tune trials under ASHA: wait for Tune's decision at each rung
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
@@ -476,6 +478,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
         if do_eval or do_ckpt:
             report(record, with_checkpoint=do_ckpt)
+            if gate and report_iteration(state.step, cfg.train.eval_every, cfg.train.checkpoint_every) in gate["iterations"]:
+                if wait_for_decision(gate["trial_id"], state.step) == "stop":
+                    if rank == 0:
+                        say(f"[{stage}] stopped by the scheduler at step {state.step}")
+                    return
 
     if evaluated_at != state.step:
         run_eval()

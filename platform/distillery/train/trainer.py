@@ -57,8 +57,11 @@ def training_datasets(cfg: Config, stage: str) -> dict:
     return {"train": read_split(cfg.prepared_dir, "train", cols), "val": read_split(cfg.prepared_dir, "val", cols)}
 
 
-def build_trainer(cfg: Config, stage: str, callbacks: list | None = None):
-    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill")."""
+def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: dict | None = None):
+    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill").
+
+    `gate` (tune trials under ASHA): {"trial_id", "iterations"}; the workers wait for Tune's
+    decision after the reports at those iterations (distillery/rung_gate.py)."""
     import ray.data
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -79,7 +82,7 @@ def build_trainer(cfg: Config, stage: str, callbacks: list | None = None):
     data_config = DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_yaml(), "stage": stage, "total_steps": steps},
+        train_loop_config={"config": cfg.to_yaml(), "stage": stage, "total_steps": steps, "gate": gate},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,

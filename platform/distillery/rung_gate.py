@@ -1,0 +1,65 @@
+"""ASHA rungs as gates: a trial's workers wait at each rung until Tune has decided on its result.
+
+ASHA compares a trial with the others when its report reaches a rung (grace_period x
+reduction_factor^k reports). A report travels from the workers to their Train controller (polled),
+to the Tune trial and to the Tune driver before the scheduler sees it; meanwhile the workers would
+train on, and a trial ASHA stops would have paid for steps past its rung that nothing uses. So at
+a rung the workers wait: a Tune callback in the driver writes every decision to Ray's internal
+key-value store (`go` or `stop`, keyed by trial and step), and the workers read it there. Between
+rungs nothing waits.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+NAMESPACE = "distillery_tune_rungs"
+
+
+def rung_iterations(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """Tune iterations (reports) where ASHA may stop a trial: grace x rf^k below max_t."""
+    rungs, t = [], grace_period
+    while t < max_t:
+        rungs.append(t)
+        t *= reduction_factor
+    return rungs
+
+
+def report_iteration(step: int, eval_every: int, checkpoint_every: int) -> int:
+    """How many reports the training loop has made once it reports at `step`: it reports at every
+    evaluation and every checkpoint, and Tune counts each report as one iteration."""
+    return sum(1 for s in range(1, step + 1) if (eval_every and s % eval_every == 0) or (checkpoint_every and s % checkpoint_every == 0))
+
+
+def _key(trial_id: str, step: int) -> bytes:
+    return f"{trial_id}/{step}".encode()
+
+
+def decision_callback():
+    """A Tune callback for the driver: records Tune's decision on every trial result."""
+    from ray.experimental.internal_kv import _internal_kv_put
+    from ray.tune import Callback
+
+    class RungDecisions(Callback):
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
+            # Tune sets `done` on a result when the scheduler (or the trial's end) stops the trial.
+            if "step" in result:
+                _internal_kv_put(_key(trial.trial_id, int(result["step"])), b"stop" if result.get("done") else b"go", namespace=NAMESPACE)
+
+    return RungDecisions()
+
+
+def wait_for_decision(trial_id: str, step: int, timeout_s: float = 600.0) -> str:
+    """Block until the driver has recorded Tune's decision on the report at `step`: "go" or "stop".
+    Returns "go" after `timeout_s` without one (a driver that is gone stops the trial anyway)."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    key, deadline, pause = _key(trial_id, step), time.monotonic() + timeout_s, 0.005
+    while time.monotonic() < deadline:
+        value = _internal_kv_get(key, namespace=NAMESPACE)
+        if value is not None:
+            return value.decode()
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return "go"
