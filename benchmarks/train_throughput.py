@@ -1,6 +1,6 @@
 """Training throughput: `distillery finetune` vs a plain PyTorch loop vs TRL's SFTTrainer.
 
-    PYTHONPATH=platform python benchmarks/train_throughput.py [--steps 30] [--batch-size 8]
+    PYTHONPATH=platform python benchmarks/train_throughput.py [--steps 30] [--batch-size 8] [--repeats 3]
 
 Same model (a small Llama built locally), same prepared rows, same batch size, optimiser and
 number of steps. Throughput is non-padding tokens per second over the steady-state steps (the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -147,6 +148,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the three runs; the table shows medians")
     args = ap.parse_args()
     import torch
 
@@ -156,21 +158,28 @@ def main() -> int:
     data = rows(prepared)
     print(f"model {SPEC}, {len(data)} rows, {args.steps} steps of batch {args.batch_size}", flush=True)
 
-    results: dict[str, dict] = {}
-    results["plain PyTorch loop (1 process)"] = {"tokens_per_s": plain_loop(model_dir, data, args.steps, args.batch_size, args.lr, args.warmup)}
-    tps, wall = distillery_run(model_dir, prepared, work / "run1", args.steps, args.batch_size, args.lr, args.warmup, 1, "none")
-    results["distillery finetune (1 worker, none)"] = {"tokens_per_s": tps, "wall_s": wall}
-    results["TRL SFTTrainer (1 process)"] = {"tokens_per_s": trl_run(model_dir, data, work / "trl", args.steps, args.batch_size, args.lr, args.warmup)}
+    # Shared machines drift by tens of percent over minutes: the three runs take turns, `--repeats`
+    # times, and each is summarised by its median.
+    plain_name, ours_name, trl_name = "plain PyTorch loop (1 process)", "distillery finetune (1 worker, none)", "TRL SFTTrainer (1 process)"
+    samples: dict[str, list[float]] = {plain_name: [], ours_name: [], trl_name: []}
+    walls: list[float] = []
+    for rep in range(args.repeats):
+        samples[plain_name].append(plain_loop(model_dir, data, args.steps, args.batch_size, args.lr, args.warmup))
+        tps, wall = distillery_run(model_dir, prepared, work / f"run{rep}", args.steps, args.batch_size, args.lr, args.warmup, 1, "none")
+        samples[ours_name].append(tps)
+        walls.append(wall)
+        samples[trl_name].append(trl_run(model_dir, data, work / f"trl{rep}", args.steps, args.batch_size, args.lr, args.warmup))
+        print(f"repeat {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:.0f} tokens/s" for k, v in samples.items()), flush=True)
+    results = {k: {"tokens_per_s": statistics.median(v), "samples": v} for k, v in samples.items()}
+    results[ours_name]["wall_s"] = statistics.median(walls)
 
-    base = results["plain PyTorch loop (1 process)"]["tokens_per_s"]
-    trl = results["TRL SFTTrainer (1 process)"]["tokens_per_s"]
-    ours = results["distillery finetune (1 worker, none)"]["tokens_per_s"]
-    print(f"\n{'run':<40} {'tokens/s':>10} {'vs plain':>9} {'vs TRL':>8}")
+    base, ours, trl = (results[k]["tokens_per_s"] for k in (plain_name, ours_name, trl_name))
+    print(f"\n{'run (median of ' + str(args.repeats) + ')':<40} {'tokens/s':>10} {'vs plain':>9} {'vs TRL':>8}")
     for name, r in results.items():
         print(f"{name:<40} {r['tokens_per_s']:>10.0f} {r['tokens_per_s'] / base:>8.2f}x {r['tokens_per_s'] / trl:>7.2f}x")
     print(f"\ndistillery / plain = {ours / base:.2f}x (target >= 0.87x); distillery / TRL = {ours / trl:.2f}x (target >= 1.2x)")
-    print(f"distillery wall time including Ray start-up, data and export: {results['distillery finetune (1 worker, none)']['wall_s']:.1f} s")
-    write_result("train_throughput", {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
+    print(f"distillery wall time including Ray start-up, data and export: {results[ours_name]['wall_s']:.1f} s")
+    write_result("train_throughput", {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "repeats": args.repeats,
                                       "results": results, "ratio_vs_plain": ours / base, "ratio_vs_trl": ours / trl})
     return 0
 

@@ -1,6 +1,6 @@
 """ASHA + Optuna against random search with the same number of trials: trial-steps spent, best metric.
 
-    .venv/bin/python benchmarks/tune_efficiency.py [--trials 16] [--steps 60] [--evals 20]
+    .venv/bin/python benchmarks/tune_efficiency.py [--trials 16] [--steps 60] [--evals 20] [--concurrent 1]
 
 Both searches tune a small distillation (tiny teacher and student built here, cached teacher)
 over temperature, alpha and learning rate, with identical trials budgets. Prints a table and
@@ -66,13 +66,13 @@ def trained_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def run_search(base: Path, name: str, searcher: str, scheduler: str, trials: int, root: Path) -> dict:
+def run_search(base: Path, name: str, searcher: str, scheduler: str, trials: int, concurrent: int, root: Path) -> dict:
     from distillery.cli import main as cli
 
     out = root / "runs" / name
     start = time.time()
     rc = cli(["tune", str(base), f"output_dir={out}", f"tune.searcher={searcher}", f"tune.scheduler={scheduler}",
-              f"tune.num_samples={trials}"])
+              f"tune.num_samples={trials}", f"tune.max_concurrent_trials={concurrent}"])
     seconds = time.time() - start
     rows = list(csv.DictReader(open(out / "tune" / "leaderboard.csv")))
     metrics = [float(r["val_loss"]) for r in rows if r["val_loss"] not in ("", "None")]
@@ -87,11 +87,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--evals", type=int, default=20, help="evaluations per full trial (ASHA's time unit)")
+    ap.add_argument("--concurrent", type=int, default=1, help="trials running at once, in both searches")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     base = build_workspace(root, args.steps, args.evals)
-    random = run_search(base, "random", "random", "fifo", args.trials, root)
-    asha = run_search(base, "asha_optuna", "optuna", "asha", args.trials, root)
+    random = run_search(base, "random", "random", "fifo", args.trials, args.concurrent, root)
+    asha = run_search(base, "asha_optuna", "optuna", "asha", args.trials, args.concurrent, root)
     step_ratio = asha["trial_steps"] / random["trial_steps"]
     metric_gap = (asha["best_val_loss"] - random["best_val_loss"]) / random["best_val_loss"]
     print(f"\n{'search':<14}{'trials':>8}{'stopped':>9}{'trial-steps':>13}{'evaluations':>13}{'best val_loss':>15}{'seconds':>10}")

@@ -51,38 +51,38 @@ def _step_losses(run: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in _metrics(run) if "loss" in m}
 
 
-@pytest.fixture(scope="module")
-def paired_data(tmp_path_factory, prepared_tiny):
-    """Two prepared dirs with the same rows: `single` in order, `pair` reordered for 2 workers.
-
-    An equal 2-way split gives worker 0 the first half and worker 1 the second. `pair` puts
-    chunks 0, 2, 4, ... of 4 rows in the first half and chunks 1, 3, 5, ... in the second, so at
-    step k the two workers see exactly the two micro-batches (2k, 2k+1) that one process with
-    grad_accum=2 sees in `single`: same data, so the losses must agree.
-    """
-    root = tmp_path_factory.mktemp("paired")
-    table = pq.read_table(prepared_tiny / "train" / "part-0.parquet")
-    n = (table.num_rows // 8) * 8
-    table = table.slice(0, n)
-    chunks = [table.slice(i, 4) for i in range(0, n, 4)]
-    paired = pa.concat_tables(chunks[0::2] + chunks[1::2])
-    for name, t in [("single", table), ("pair", paired)]:
-        (root / name / "train").mkdir(parents=True)
-        pq.write_table(t, root / name / "train" / "part-0.parquet")
-        shutil.copytree(prepared_tiny / "val", root / name / "val")
-        shutil.copy(prepared_tiny / "manifest.json", root / name / "manifest.json")
+def _write_prepared(root: Path, table: pa.Table, like: Path) -> Path:
+    (root / "train").mkdir(parents=True)
+    pq.write_table(table, root / "train" / "part-0.parquet")
+    shutil.copytree(like / "val", root / "val")
+    shutil.copy(like / "manifest.json", root / "manifest.json")
     return root
 
 
+def _traced_batches(run: Path, world: int) -> list[list[list[str]]]:
+    """Per step, each rank's micro-batch row ids, from the run's row trace."""
+    per_rank = [[json.loads(l)["row_ids"] for l in (run / "trace" / f"rows_rank{r}.jsonl").read_text().splitlines()] for r in range(world)]
+    return [list(batches) for batches in zip(*per_rank)]
+
+
 @pytest.mark.timeout(900)
-def test_fsdp_ddp_and_single_process_agree_and_loss_falls(tmp_path, paired_data, tiny_teacher):
-    runs = {
-        "none": _cfg(tmp_path / "none", paired_data / "single", tiny_teacher, "train.strategy=none", "train.num_workers=1", "train.grad_accum=2"),
-        "ddp": _cfg(tmp_path / "ddp", paired_data / "pair", tiny_teacher, "train.strategy=ddp", "train.num_workers=2"),
-        "fsdp": _cfg(tmp_path / "fsdp", paired_data / "pair", tiny_teacher, "train.strategy=fsdp", "train.num_workers=2"),
-    }
+def test_fsdp_ddp_and_single_process_agree_and_loss_falls(tmp_path, prepared_tiny, tiny_teacher):
+    """Two workers (ddp, fsdp) and one process with grad_accum=2 that sees, at step k, the same two
+    micro-batches the two workers saw (read from their row traces): the losses must agree."""
+    table = pq.read_table(prepared_tiny / "train" / "part-0.parquet")
+    table = table.slice(0, (table.num_rows // 8) * 8)
+    data = _write_prepared(tmp_path / "data", table, prepared_tiny)
+    runs = {name: _cfg(tmp_path / name, data, tiny_teacher, f"train.strategy={name}", "train.num_workers=2", "train.trace_rows=true")
+            for name in ("ddp", "fsdp")}
     for cfg in runs.values():
         assert run_finetune(cfg) == 0
+    batches = _traced_batches(tmp_path / "ddp", 2)
+    assert len(batches) == 6 and _traced_batches(tmp_path / "fsdp", 2) == batches  # the same shards for both strategies
+    by_id = {str(r): i for i, r in enumerate(table.column("row_id").to_pylist())}
+    order = [by_id[r] for step in batches for micro in step for r in micro]
+    single = _write_prepared(tmp_path / "single_data", table.take(pa.array(order)), prepared_tiny)
+    runs["none"] = _cfg(tmp_path / "none", single, tiny_teacher, "train.strategy=none", "train.num_workers=1", "train.grad_accum=2")
+    assert run_finetune(runs["none"]) == 0
     losses = {name: _step_losses(tmp_path / name) for name in runs}
     assert sorted(losses["none"]) == list(range(1, 7))
     for name in ("ddp", "fsdp"):
