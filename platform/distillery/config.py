@@ -257,7 +257,7 @@ class TuneConfig(Section):
         default_factory=dict, description="Dotted config key → domain, e.g. `train.lr: {loguniform: [1e-5, 1e-3]}`."
     )
     max_concurrent_trials: int = Field(1, ge=1, description="Trials running at once (fit to the cluster's resources).")
-    grace_period: int = Field(2, ge=1, description="ASHA: reports a trial gets before it can be stopped.")
+    grace_period: int = Field(2, ge=1, description="ASHA: evaluations a trial gets before it can be stopped.")
     reduction_factor: int = Field(2, ge=2, description="ASHA: 1/reduction_factor of trials survive each rung.")
     searcher: Literal["optuna", "random"] = Field("optuna", description="Optuna TPE or plain random search.")
     scheduler: Literal["asha", "fifo"] = Field("asha", description="ASHA early stopping or run every trial to the end.")

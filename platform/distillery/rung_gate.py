@@ -1,12 +1,12 @@
 """ASHA rungs as gates: a trial's workers wait at each rung until Tune has decided on its result.
 
-ASHA compares a trial with the others when its report reaches a rung (grace_period x
-reduction_factor^k reports). A report travels from the workers to their Train controller (polled),
+ASHA compares a trial with the others when its evaluation count reaches a rung (grace_period x
+reduction_factor^k evaluations). A report travels from the workers to their Train controller (polled),
 to the Tune trial and to the Tune driver before the scheduler sees it; meanwhile the workers would
 train on, and a trial ASHA stops would have paid for steps past its rung that nothing uses. So at
 a rung the workers wait: a Tune callback in the driver writes every decision to Ray's internal
 key-value store (`go` or `stop`, keyed by trial and step), and the workers read it there. Between
-rungs nothing waits.
+rungs nothing waits. The keys go when the search ends.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 NAMESPACE = "distillery_tune_rungs"
 
 
-def rung_iterations(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
-    """Tune iterations (reports) where ASHA may stop a trial: grace x rf^k below max_t."""
+def rung_evaluations(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """Times (evaluation counts) where ASHA may stop a trial: grace x rf^k below max_t."""
     rungs, t = [], grace_period
     while t < max_t:
         rungs.append(t)
@@ -26,26 +26,27 @@ def rung_iterations(grace_period: int, reduction_factor: int, max_t: int) -> lis
     return rungs
 
 
-def report_iteration(step: int, eval_every: int, checkpoint_every: int) -> int:
-    """How many reports the training loop has made once it reports at `step`: it reports at every
-    evaluation and every checkpoint, and Tune counts each report as one iteration."""
-    return sum(1 for s in range(1, step + 1) if (eval_every and s % eval_every == 0) or (checkpoint_every and s % checkpoint_every == 0))
-
-
 def _key(trial_id: str, step: int) -> bytes:
     return f"{trial_id}/{step}".encode()
 
 
-def decision_callback():
-    """A Tune callback for the driver: records Tune's decision on every trial result."""
-    from ray.experimental.internal_kv import _internal_kv_put
+def decision_callback(rungs: list[int]):
+    """A Tune callback for the driver: records Tune's decision on each trial result whose
+    `evaluation` count is one of `rungs`, and removes a trial's records when the search ends."""
+    from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
     from ray.tune import Callback
+
+    rung_set = set(rungs)
 
     class RungDecisions(Callback):
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info):
             # Tune sets `done` on a result when the scheduler (or the trial's end) stops the trial.
-            if "step" in result:
+            if "step" in result and result.get("evaluation") in rung_set:
                 _internal_kv_put(_key(trial.trial_id, int(result["step"])), b"stop" if result.get("done") else b"go", namespace=NAMESPACE)
+
+        def on_experiment_end(self, trials: list, **info):
+            for trial in trials:
+                _internal_kv_del(f"{trial.trial_id}/".encode(), del_by_prefix=True, namespace=NAMESPACE)
 
     return RungDecisions()
 

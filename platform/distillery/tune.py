@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from distillery.config import Config, ConfigError, validate_tree
-from distillery.rung_gate import decision_callback, rung_iterations
+from distillery.rung_gate import decision_callback, rung_evaluations
 from distillery.runtime import ensure_ray
 from distillery.search_space import to_tune_space, validate_search_space, with_values
 
@@ -54,10 +54,14 @@ def reports_per_trial(cfg: Config) -> int:
     return math.ceil(cfg.train.max_steps / cfg.train.eval_every)
 
 
+def asha_grace_period(cfg: Config) -> int:
+    """ASHA's first rung, in evaluations: the configured grace period, at most a whole trial."""
+    return min(cfg.tune.grace_period, reports_per_trial(cfg))
+
+
 def asha_rungs(cfg: Config) -> list[int]:
-    """The Tune iterations at which ASHA may stop a trial of this search."""
-    max_t = reports_per_trial(cfg)
-    return rung_iterations(min(cfg.tune.grace_period, max_t), cfg.tune.reduction_factor, max_t)
+    """The evaluation counts at which ASHA may stop a trial of this search."""
+    return rung_evaluations(asha_grace_period(cfg), cfg.tune.reduction_factor, reports_per_trial(cfg))
 
 
 def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
@@ -70,7 +74,7 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     base = validate_tree(yaml.safe_load(base_yaml), "tune base config")
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output_dir": os.path.join(trials_root, trial_id)})
-    gate = {"trial_id": trial_id, "iterations": asha_rungs(cfg)} if cfg.tune.scheduler == "asha" else None
+    gate = {"trial_id": trial_id, "rungs": asha_rungs(cfg)} if cfg.tune.scheduler == "asha" else None
     trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
 
@@ -147,10 +151,12 @@ def build_tuner(cfg: Config):
     else:  # random search, seeded like everything else: a re-run draws the same trials
         searcher = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=_concurrency(cfg))  # an instance takes no TuneConfig limit
     if tc.scheduler == "asha":
-        max_t = reports_per_trial(cfg)
+        # Time is the trial's evaluation count (reported with every result and restored with its
+        # checkpoints), not Tune's training_iteration: checkpoint-only reports would advance that,
+        # and a resumed trial restarts it.
         scheduler = ASHAScheduler(
-            time_attr="training_iteration", metric=tc.metric, mode=tc.mode, max_t=max_t,
-            grace_period=min(tc.grace_period, max_t), reduction_factor=tc.reduction_factor,
+            time_attr="evaluation", metric=tc.metric, mode=tc.mode, max_t=reports_per_trial(cfg),
+            grace_period=asha_grace_period(cfg), reduction_factor=tc.reduction_factor,
         )
     else:
         scheduler = FIFOScheduler()
@@ -166,7 +172,7 @@ def build_tuner(cfg: Config):
             metric=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.metric,
             mode=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.mode,
         ),
-        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor(), decision_callback()]),
+        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor(), decision_callback(asha_rungs(cfg) if tc.scheduler == "asha" else [])]),
     )
 
 
@@ -190,8 +196,7 @@ def leaderboard_rows(cfg: Config, results) -> list[dict[str, Any]]:
         scored = hist.dropna(subset=[tc.metric]) if hist is not None and tc.metric in hist else None
         metric_values = scored[tc.metric].tolist() if scored is not None else []
         best = (min if tc.mode == "min" else max)(metric_values) if metric_values else None
-        # Evaluations by distinct step: a resumed trial restarts Tune's iteration count.
-        iters = int(scored["step"].nunique()) if scored is not None and "step" in scored else 0
+        iters = int(hist["evaluation"].max()) if hist is not None and "evaluation" in hist and len(hist) else 0
         steps = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
         if r.error:
             status = "failed"
@@ -249,9 +254,9 @@ def write_plots(cfg: Config, results, rows: list[dict[str, Any]], out: Path) -> 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for r in results:
         hist = r.metrics_dataframe
-        if hist is not None and metric in hist and "training_iteration" in hist:
-            h = hist.dropna(subset=[metric])
-            ax.plot(h["training_iteration"], h[metric], marker="o", ms=3, lw=1)
+        if hist is not None and metric in hist and "evaluation" in hist:
+            h = hist.dropna(subset=[metric]).drop_duplicates(subset="evaluation")  # checkpoint-only reports repeat one
+            ax.plot(h["evaluation"], h[metric], marker="o", ms=3, lw=1)
     ax.set_xlabel("evaluation (ASHA rung time)")
     ax.set_ylabel(metric)
     ax.set_title("Learning curves of every trial")

@@ -33,7 +33,7 @@ def _base(tmp_path, prepared, model, *extra):
     return load_config(overrides=[
         f"output_dir={tmp_path}", f"data.prepared={prepared}", f"model.path={model}", "method.kind=freeze",
         "train.num_workers=1", "train.strategy=none", "train.batch_size=8", "train.max_steps=12", "train.eval_every=3",
-        "train.checkpoint_every=12", "train.scheduler=constant", "tune.num_samples=6", "tune.grace_period=1",
+        "train.checkpoint_every=4", "train.scheduler=constant", "tune.num_samples=6", "tune.grace_period=1",
         "tune.reduction_factor=2", "tune.max_concurrent_trials=1", *extra,
     ])
 
@@ -54,8 +54,9 @@ def test_search_stops_weak_trials_records_failures_and_best_reproduces(tmp_path,
     done = [r for r in rows if r["status"] == "completed"]
     assert done and all(int(r["evaluations"]) == 4 for r in done)
     stopped = [r for r in rows if r["status"] == "stopped early"]
-    # ASHA's rungs (grace 1, reduction factor 2, 4 reports) are the 1st and 2nd reports, steps 3 and 6:
-    # a stopped trial's workers waited there for the decision and trained no step past it.
+    # ASHA's rungs (grace 1, reduction factor 2, 4 evaluations) are the 1st and 2nd evaluations, steps
+    # 3 and 6; the checkpoints at steps 4 and 8 report too but do not move ASHA's clock. A stopped
+    # trial's workers waited at its rung for the decision and trained no step past it.
     for r in stopped:
         trained = [json.loads(l)["step"] for l in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
         assert int(r["steps"]) in (3, 6) and max(trained) == int(r["steps"]), (r["trial_id"], r["steps"], max(trained))

@@ -1,18 +1,17 @@
-"""Where tune trials wait for ASHA: rung iterations and the report count at a step."""
+"""Where tune trials wait for ASHA: the rungs, in evaluations, as Ray's ASHA places them."""
 
-from distillery.rung_gate import report_iteration, rung_iterations
+import pytest
+from ray.tune.schedulers import ASHAScheduler
 
-
-def test_rungs_are_grace_times_powers_of_the_reduction_factor_below_max_t():
-    assert rung_iterations(1, 4, 12) == [1, 4]
-    assert rung_iterations(1, 4, 20) == [1, 4, 16]
-    assert rung_iterations(1, 2, 4) == [1, 2]
-    assert rung_iterations(2, 3, 18) == [2, 6]
-    assert rung_iterations(4, 2, 4) == []
+from distillery.rung_gate import rung_evaluations
 
 
-def test_report_iteration_counts_evaluations_and_checkpoints():
-    assert [report_iteration(s, 3, 12) for s in (3, 6, 9)] == [1, 2, 3]
-    assert report_iteration(12, 5, 4) == 5  # reports at 4, 5, 8, 10, 12
-    assert report_iteration(6, 3, 3) == 2  # a step that evaluates and checkpoints reports once
-    assert report_iteration(7, 0, 0) == 0
+@pytest.mark.parametrize("grace,rf,max_t,rungs", [
+    (1, 4, 12, [1, 4]), (1, 4, 20, [1, 4, 16]), (1, 2, 4, [1, 2]), (2, 3, 18, [2, 6]), (4, 2, 4, []), (1, 3, 30, [1, 3, 9, 27]),
+])
+def test_rungs_are_where_rays_asha_decides(grace, rf, max_t, rungs):
+    assert rung_evaluations(grace, rf, max_t) == rungs
+    # The workers must wait exactly where the scheduler compares trials (its last rung, at max_t,
+    # ends every trial anyway).
+    asha = ASHAScheduler(time_attr="evaluation", metric="val_loss", mode="min", max_t=max_t, grace_period=grace, reduction_factor=rf)
+    assert sorted(m for m, _ in asha._brackets[0]._rungs if m < max_t) == rungs

@@ -30,7 +30,7 @@ import yaml
 from distillery.config import Config, validate_tree
 from distillery.models.load import load_causal_lm, load_tokenizer, resolve_model_dir, torch_dtype
 from distillery.models.plan import ParamPlan, apply_method, decoder_layers
-from distillery.rung_gate import report_iteration, wait_for_decision
+from distillery.rung_gate import wait_for_decision
 from distillery.train.collate import collate
 from distillery.train.objective import finish_eval
 
@@ -46,6 +46,7 @@ class TrainState:
     micro_in_epoch: int = 0  # micro-batches consumed in the current epoch (the data position)
     best_val: float = math.inf
     bad_evals: int = 0  # evaluations since val loss last improved
+    evaluations: int = 0  # evaluations done (ASHA's time unit in tune trials)
     last_val: dict | None = None
 
 
@@ -386,7 +387,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def run_eval() -> None:
         val = evaluate(model, objective, val_batches, cfg, tokenizer.pad_token_id, device)
-        state.last_val = val
+        state.last_val, state.evaluations = val, state.evaluations + 1
         log.write({"step": state.step, **val})
         if rank == 0:
             say(f"[{stage}] step {state.step} " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))
@@ -396,7 +397,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.bad_evals += 1
 
     def report(metrics: dict[str, Any], with_checkpoint: bool) -> None:
-        metrics = {**metrics, **(state.last_val or {}), **plan_metrics, "step": state.step, "epoch": state.epoch}
+        metrics = {**metrics, **(state.last_val or {}), **plan_metrics, "step": state.step, "epoch": state.epoch,
+                   "evaluation": state.evaluations}
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -478,7 +480,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
         if do_eval or do_ckpt:
             report(record, with_checkpoint=do_ckpt)
-            if gate and report_iteration(state.step, cfg.train.eval_every, cfg.train.checkpoint_every) in gate["iterations"]:
+            if gate and do_eval and state.evaluations in gate["rungs"]:
                 if wait_for_decision(gate["trial_id"], state.step) == "stop":
                     if rank == 0:
                         say(f"[{stage}] stopped by the scheduler at step {state.step}")

@@ -60,8 +60,8 @@ def training_datasets(cfg: Config, stage: str) -> dict:
 def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: dict | None = None):
     """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill").
 
-    `gate` (tune trials under ASHA): {"trial_id", "iterations"}; the workers wait for Tune's
-    decision after the reports at those iterations (distillery/rung_gate.py)."""
+    `gate` (tune trials under ASHA): {"trial_id", "rungs"}; the workers wait for Tune's decision
+    after the evaluations whose count is a rung (distillery/rung_gate.py)."""
     import ray.data
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
