@@ -1,6 +1,6 @@
 """Corpus preparation throughput: `distillery prepare` (Ray Data) vs a plain single-process loop.
 
-    PYTHONPATH=platform python benchmarks/prepare.py [--rows 200000] [--cpus 2]
+    PYTHONPATH=platform python benchmarks/prepare.py [--rows 200000] [--cpus 2] [--repeats 3]
 
 Both sides do the same transforms on the same generated corpus (plain-text and instruction JSONL
 with bad rows, exact and near copies): read, validate, normalise, render through the chat template,
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -199,6 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the two runs; the ratio is the median of per-round ratios")
     ap.add_argument("--child", choices=["loop", "ray"], help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -215,25 +217,35 @@ def main() -> None:
         paths = generate(work, args.rows)
         init_model(work / "model", ArchSpec(**SPEC), corpus=[str(p) for p in paths.values()], vocab_size=1024, seed=0)
         env = {**os.environ, "PYTHONPATH": str(REPO / "platform") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        results = {}
-        for mode in ("loop", "ray"):
-            p = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work), "--cpus", str(args.cpus)],
-                               capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                raise SystemExit(f"{mode} run failed:\n{p.stderr[-4000:]}")
-            results[mode] = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
-            if mode == "ray":  # the stage's own progress lines: where the time went
-                print("\n".join(line for line in p.stderr.splitlines() if line.startswith("prepare:")))
-    ratio = results["ray"]["rows_per_s"] / results["loop"]["rows_per_s"]
-    print(f"\nprepare benchmark: {args.rows:,} generated rows, {args.cpus} logical CPUs ({os.cpu_count()} cores)\n")
+        # The two runs take turns `--repeats` times: a shared machine drifts by tens of percent over
+        # minutes, so the ratio is taken within each round and the median over rounds is reported.
+        rounds: list[dict] = []
+        for rep in range(args.repeats):
+            results = {}
+            for mode in ("loop", "ray"):
+                p = subprocess.run([sys.executable, __file__, "--child", mode, "--work", str(work), "--cpus", str(args.cpus)],
+                                   capture_output=True, text=True, env=env)
+                if p.returncode != 0:
+                    raise SystemExit(f"{mode} run failed:\n{p.stderr[-4000:]}")
+                results[mode] = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
+                if mode == "ray" and rep == 0:  # the stage's own progress lines: where the time went
+                    print("\n".join(line for line in p.stderr.splitlines() if line.startswith("prepare:")))
+            rounds.append(results)
+            print(f"round {rep + 1}/{args.repeats}: loop {results['loop']['rows_per_s']:,} rows/s, "
+                  f"Ray {results['ray']['rows_per_s']:,} rows/s", flush=True)
+    ratio = statistics.median(r["ray"]["rows_per_s"] / r["loop"]["rows_per_s"] for r in rounds)
+    print(f"\nprepare benchmark: {args.rows:,} generated rows, {args.cpus} logical CPUs ({os.cpu_count()} cores), "
+          f"median of {args.repeats} rounds\n")
     print(f"{'pipeline':<28}{'rows/s':>10}{'seconds':>10}{'written':>10}{'peak RSS MiB':>14}")
     for name, key in (("plain Python loop", "loop"), ("distillery prepare (Ray)", "ray")):
-        r = results[key]
-        print(f"{name:<28}{r['rows_per_s']:>10,}{r['seconds']:>10}{r['written']:>10,}{r['peak_rss_mib']:>14}")
-    print(f"\nRay / loop throughput: {ratio:.2f}x (target >= 1.5x); Ray start-up {results['ray']['startup_s']}s not counted")
+        runs = [r[key] for r in rounds]
+        print(f"{name:<28}{statistics.median(r['rows_per_s'] for r in runs):>10,.0f}{statistics.median(r['seconds'] for r in runs):>10.2f}"
+              f"{runs[-1]['written']:>10,}{max(r['peak_rss_mib'] for r in runs):>14}")
+    startup = statistics.median(r["ray"]["startup_s"] for r in rounds)
+    print(f"\nRay / loop throughput: {ratio:.2f}x (target >= 1.5x); Ray start-up {startup:.2f}s not counted")
     out = REPO / "benchmarks" / "results" / "prepare.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": args.rows, "cpus": args.cpus, "cores": os.cpu_count(), "results": results,
+    out.write_text(json.dumps({"rows": args.rows, "cpus": args.cpus, "cores": os.cpu_count(), "rounds": rounds,
                                "throughput_ratio": round(ratio, 3)}, indent=2))
     print(f"wrote {out}")
 

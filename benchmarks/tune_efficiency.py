@@ -1,6 +1,6 @@
 """ASHA + Optuna against random search with the same number of trials: trial-steps spent, best metric.
 
-    .venv/bin/python benchmarks/tune_efficiency.py [--trials 16] [--steps 60] [--evals 20] [--concurrent 1]
+    .venv/bin/python benchmarks/tune_efficiency.py [--trials 32] [--steps 60] [--evals 20] [--concurrent 2]
 
 Both searches tune a small distillation (tiny teacher and student built here, cached teacher)
 over temperature, alpha and learning rate, with identical trials budgets. Prints a table and
@@ -39,7 +39,7 @@ def build_workspace(root: Path, steps: int, evals: int) -> Path:
                   "eval_every": max(1, steps // evals), "lr": 3e-3},
         # ASHA with Ray Tune's own defaults (grace period 1, reduction factor 4): rungs at 1, 4 and
         # 16 of 20 evaluations, so a trial ASHA stops at the first rung costs 1/20 of a full one.
-        "tune": {"num_samples": 16, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 4,
+        "tune": {"num_samples": 32, "max_concurrent_trials": 2, "grace_period": 1, "reduction_factor": 4,
                  "search_space": {"distill.temperature": {"uniform": [1.0, 6.0]},
                                   "distill.alpha": {"uniform": [0.2, 0.9]},
                                   "train.lr": {"loguniform": [1e-4, 3e-2]}}},
@@ -84,10 +84,10 @@ def run_search(base: Path, name: str, searcher: str, scheduler: str, trials: int
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--trials", type=int, default=32)
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--evals", type=int, default=20, help="evaluations per full trial (ASHA's time unit)")
-    ap.add_argument("--concurrent", type=int, default=1, help="trials running at once, in both searches")
+    ap.add_argument("--concurrent", type=int, default=2, help="trials running at once, in both searches")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     base = build_workspace(root, args.steps, args.evals)

@@ -280,7 +280,7 @@ def run_serve(cfg: Config) -> int:
     read_api_key(cfg)
     plan_engines(cfg)
     s = cfg.serve
-    started = ensure_ray(num_cpus=_ray_num_cpus(cfg), include_dashboard=False)
+    started = ensure_ray(num_cpus=_ray_num_cpus(cfg))
     app = build_app(cfg)
     # Ctrl-C (even when started from a shell that ignores SIGINT for background jobs) and
     # SIGTERM both shut Serve and Ray down cleanly.

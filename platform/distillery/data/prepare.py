@@ -840,7 +840,7 @@ def run_prepare(cfg: Config) -> int:
     # Logical CPUs: one per core for the map tasks, plus one for the back-translation actor so
     # that it cannot starve the tasks feeding it (ARCHITECTURE.md, resource traps on 2 cores).
     extra = 1 if cfg.data.augment.back_translate and cfg.data.augment.copies else 0
-    started = ensure_ray(num_cpus=max(2, os.cpu_count() or 2) + extra, include_dashboard=False)
+    started = ensure_ray(num_cpus=max(2, os.cpu_count() or 2) + extra)
     try:
         m = prepare(cfg)
     finally:
