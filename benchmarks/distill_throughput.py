@@ -35,7 +35,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # prepared-data writer shared with the tests
 
-from train_throughput import rows, steady, write_result  # noqa: E402  (same directory)
+from report import write_result  # noqa: E402  (same directory)
+from train_throughput import rows, steady  # noqa: E402
 
 TEACHER = dict(arch="llama", layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688)
 STUDENT = dict(arch="llama", layers=2, hidden=128, heads=4, kv_heads=2, intermediate=344)

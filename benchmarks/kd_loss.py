@@ -51,7 +51,7 @@ import os
 import subprocess
 import sys
 
-from train_throughput import write_result  # same directory
+from report import write_result  # same directory
 
 ROW = 512  # positions per row: N = B·ROW
 HIDDEN = 256  # student hidden size of the fused (lm_head inside the loss) variants

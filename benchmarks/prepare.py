@@ -26,6 +26,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from report import paired_ratio, write_result  # same directory
+
 REPO = Path(__file__).resolve().parent.parent
 SPEC = dict(arch="llama", layers=1, hidden=32, heads=1, kv_heads=1, intermediate=64)
 
@@ -233,7 +235,7 @@ def main() -> None:
             rounds.append(results)
             print(f"round {rep + 1}/{args.repeats}: loop {results['loop']['rows_per_s']:,} rows/s, "
                   f"Ray {results['ray']['rows_per_s']:,} rows/s", flush=True)
-    ratio = statistics.median(r["ray"]["rows_per_s"] / r["loop"]["rows_per_s"] for r in rounds)
+    ratio = paired_ratio([r["ray"]["rows_per_s"] for r in rounds], [r["loop"]["rows_per_s"] for r in rounds])
     print(f"\nprepare benchmark: {args.rows:,} generated rows, {args.cpus} logical CPUs ({os.cpu_count()} cores), "
           f"median of {args.repeats} rounds\n")
     print(f"{'pipeline':<28}{'rows/s':>10}{'seconds':>10}{'written':>10}{'peak RSS MiB':>14}")
@@ -243,11 +245,8 @@ def main() -> None:
               f"{runs[-1]['written']:>10,}{max(r['peak_rss_mib'] for r in runs):>14}")
     startup = statistics.median(r["ray"]["startup_s"] for r in rounds)
     print(f"\nRay / loop throughput: {ratio:.2f}x (target >= 1.5x); Ray start-up {startup:.2f}s not counted")
-    out = REPO / "benchmarks" / "results" / "prepare.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": args.rows, "cpus": args.cpus, "cores": os.cpu_count(), "rounds": rounds,
-                               "throughput_ratio": round(ratio, 3)}, indent=2))
-    print(f"wrote {out}")
+    write_result("prepare", {"rows": args.rows, "cpus": args.cpus, "cores": os.cpu_count(), "rounds": rounds,
+                             "throughput_ratio": round(ratio, 3)})
 
 
 if __name__ == "__main__":

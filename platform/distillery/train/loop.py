@@ -74,6 +74,18 @@ def lr_lambda(cfg: Config, total_steps: int):
     return f
 
 
+def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.AdamW:
+    """AdamW over `groups` (param groups), with PyTorch's fused kernel wherever every parameter allows it.
+
+    The fused kernel updates all parameters in one pass per step; on CPU PyTorch's default is a
+    per-tensor loop that took 3x as long (a 3.6M-parameter Llama: 18 ms vs 6 ms per step, ~6% of a
+    step). Hugging Face's Trainer defaults to it as well. Same update, same state dict.
+    """
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
+
+
 def wrap_model(model, cfg: Config, device: torch.device, world: int):
     """FSDP2 (per decoder layer, then root), DDP, or the bare model."""
     strategy = cfg.train.strategy
@@ -362,9 +374,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     params = [p for p in model.parameters() if p.requires_grad]
     extra = [p for m in objective.extra_modules() for p in m.parameters()]
-    optimizer = torch.optim.AdamW(
-        [{"params": params}] + ([{"params": extra}] if extra else []), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
+    optimizer = build_optimizer([{"params": params}] + ([{"params": extra}] if extra else []), cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
     state = TrainState()
