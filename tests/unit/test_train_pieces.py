@@ -50,6 +50,20 @@ def test_plan_errors(tiny_teacher):
         apply_method(model, MethodConfig(kind="esft"))
 
 
+def test_missing_frozen_layers_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher):
+    """`validate_training` (run before Ray starts, and by each tune trial before its workers) reads the
+    layer count from config.json: a 2-layer model cannot train its last 99 or its first 3."""
+    from distillery.train.trainer import validate_training
+
+    for n in (99, -3):
+        cfg = load_config(overrides=[f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}",
+                                     "method.kind=freeze", f"method.freeze.trainable_layers={n}"])
+        with pytest.raises(ConfigError, match=rf"trainable_layers: {n} is not in ±1..±2 for a 2-layer model"):
+            validate_training(cfg)
+    validate_training(load_config(overrides=[f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}",
+                                             "method.kind=freeze", "method.freeze.trainable_layers=-2"]))
+
+
 def test_collate_pads_and_masks():
     batch = {"input_ids": np.array([np.array([5, 6, 7]), np.array([8])], dtype=object),
              "labels": np.array([np.array([-100, 6, 7]), np.array([8])], dtype=object),

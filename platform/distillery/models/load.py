@@ -29,6 +29,14 @@ def adapter_base(model_dir: str | os.PathLike[str]) -> str | None:
     return json.loads(cfg.read_text())["base_model_name_or_path"]
 
 
+def model_config(path: str | os.PathLike[str]):
+    """The Hugging Face config of the model at `path` (for an adapter, its base model's), without weights."""
+    from transformers import AutoConfig
+
+    d = resolve_model_dir(path)
+    return AutoConfig.from_pretrained(adapter_base(d) or d)
+
+
 def load_tokenizer(path: str | os.PathLike[str]):
     """A fast tokenizer with a pad token (eos when the checkpoint has none)."""
     from transformers import AutoTokenizer

@@ -39,6 +39,12 @@ def decoder_layers(model):
     return layers
 
 
+def check_trainable_layers(n: int, layers: int) -> None:
+    """`method.freeze.trainable_layers` must pick 1..layers decoder layers from the end (n > 0) or the start (n < 0)."""
+    if n == 0 or abs(n) > layers:
+        raise ConfigError(f"method.freeze.trainable_layers: {n} is not in ±1..±{layers} for a {layers}-layer model")
+
+
 def _plan(model, kind: str) -> ParamPlan:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
@@ -73,8 +79,7 @@ def apply_method(model, method: MethodConfig):
     if method.kind == "freeze":
         layers = decoder_layers(model)
         n = method.freeze.trainable_layers
-        if n == 0 or abs(n) > len(layers):
-            raise ConfigError(f"method.freeze.trainable_layers: {n} is not in ±1..±{len(layers)} for a {len(layers)}-layer model")
+        check_trainable_layers(n, len(layers))
         chosen = list(layers)[-n:] if n > 0 else list(layers)[: -n]
         for p in model.parameters():
             p.requires_grad_(False)

@@ -33,7 +33,7 @@ from distillery.losses import (
     schedule,
     teacher_entropy,
 )
-from distillery.models.load import load_causal_lm, resolve_model_dir
+from distillery.models.load import load_causal_lm, model_config, resolve_model_dir
 from distillery.train.objective import lm_head_of, shift
 
 CACHE_COLUMNS = ["teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"]
@@ -52,9 +52,7 @@ def distill_datasets(cfg: Config) -> dict:
 
 def validate_distill(cfg: Config) -> None:
     """Fail before Ray starts: teacher present, vocabularies equal, cache matches the data."""
-    from transformers import AutoConfig
-
-    student_vocab = AutoConfig.from_pretrained(_base_dir(cfg.model.path)).vocab_size
+    student_vocab = model_config(cfg.model.path).vocab_size
     if cfg.distill.teacher_mode == "cached":
         from distillery.teacher.cache import check_cache
 
@@ -63,16 +61,8 @@ def validate_distill(cfg: Config) -> None:
         return
     if not cfg.model.teacher:
         raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory)")
-    teacher_vocab = AutoConfig.from_pretrained(_base_dir(cfg.model.teacher)).vocab_size
+    teacher_vocab = model_config(cfg.model.teacher).vocab_size
     check_vocab(teacher_vocab, student_vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
-
-
-def _base_dir(path: str):
-    """The directory whose config.json describes the model (the base model for a PEFT adapter)."""
-    from distillery.models.load import adapter_base
-
-    d = resolve_model_dir(path)
-    return adapter_base(d) or d
 
 
 def _layers_of(model):

@@ -20,12 +20,22 @@ from distillery.runtime import ensure_ray
 
 
 def validate_training(cfg: Config, stage: str = "finetune") -> None:
-    """Checks that need no Ray: strategy vs workers, prepared data present, teacher/cache usable."""
+    """Checks that need no Ray: strategy vs workers, prepared data present, frozen layers exist,
+    teacher/cache usable."""
     if cfg.train.strategy == "none" and cfg.train.num_workers > 1:
         raise ConfigError("train.strategy: 'none' trains one unwrapped model; use fsdp or ddp with train.num_workers > 1")
     if cfg.train.use_gpu is False and cfg.train.precision == "bf16":
         raise ConfigError("train.precision: bf16 mixed precision needs train.use_gpu (CPU training runs in fp32)")
     load_manifest(cfg.prepared_dir)
+    if cfg.method.kind == "freeze":
+        # Here rather than only in the workers: a trial or run with too many layers fails before any
+        # Ray Train worker starts (Tune searches over trainable_layers).
+        from distillery.models.load import model_config
+        from distillery.models.plan import check_trainable_layers
+
+        layers = getattr(model_config(cfg.model.path), "num_hidden_layers", None)
+        if layers:
+            check_trainable_layers(cfg.method.freeze.trainable_layers, layers)
     if stage == "distill":
         from distillery.train.distill import validate_distill
 
