@@ -69,12 +69,13 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distillery.train.trainer import build_trainer
+    from distillery.train.trainer import build_trainer, validate_training
 
     base = validate_tree(yaml.safe_load(base_yaml), "tune base config")
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output_dir": os.path.join(trials_root, trial_id)})
     gate = {"trial_id": trial_id, "rungs": asha_rungs(cfg)} if cfg.tune.scheduler == "asha" else None
+    validate_training(cfg, trial_stage(cfg))  # this trial's values (e.g. trainable_layers) fail here, before its workers
     trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
 

@@ -69,7 +69,7 @@ def ray_local():
 
     from distillery.runtime import ensure_ray
 
-    started = ensure_ray(num_cpus=2, include_dashboard=False)
+    started = ensure_ray(num_cpus=2)
     yield
     if started:
         ray.shutdown()

@@ -68,7 +68,8 @@ def training_datasets(cfg: Config, stage: str) -> dict:
 
 
 def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: dict | None = None):
-    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill").
+    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill"); the
+    caller has run `validate_training` on `cfg` (before starting Ray, where it starts one).
 
     `gate` (tune trials under ASHA): {"trial_id", "rungs"}; the workers wait for Tune's decision
     after the evaluations whose count is a rung (distillery/rung_gate.py)."""
@@ -78,7 +79,6 @@ def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: 
 
     from distillery.train.loop import train_loop_per_worker
 
-    validate_training(cfg, stage)
     # The loop prints its own progress per step; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     manifest = load_manifest(cfg.prepared_dir)
