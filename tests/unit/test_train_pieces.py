@@ -11,7 +11,7 @@ from distillery.config import ConfigError, MethodConfig, load_config
 from distillery.models.plan import apply_method
 from distillery.train.collate import collate
 from distillery.train.ewc import EwcPenalty, estimate_fisher
-from distillery.train.loop import lr_lambda, shard_batches
+from distillery.train.loop import build_optimizer, lr_lambda, shard_batches
 from distillery.train.objective import CrossEntropyObjective, key_term_mask, key_term_sequences
 
 
@@ -62,6 +62,23 @@ def test_missing_frozen_layers_fail_before_ray(tmp_path, prepared_tiny, tiny_tea
             validate_training(cfg)
     validate_training(load_config(overrides=[f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}",
                                              "method.kind=freeze", "method.freeze.trainable_layers=-2"]))
+
+
+def test_optimizer_is_fused_adamw_with_the_default_update(tiny_teacher):
+    """The loop's AdamW runs PyTorch's fused kernel on CPU parameters and updates exactly as the default one."""
+    cfg = load_config(overrides=["train.lr=1e-2", "train.weight_decay=0.1"])
+    fused_model, plain_model = (AutoModelForCausalLM.from_pretrained(tiny_teacher) for _ in range(2))
+    fused = build_optimizer([{"params": list(fused_model.parameters())}], cfg)
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2, weight_decay=0.1)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    for _ in range(3):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_collate_pads_and_masks():
