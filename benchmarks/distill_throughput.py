@@ -70,7 +70,7 @@ def config(teacher: Path, student: Path, prepared: Path, out: Path, args, mode: 
 
 
 def distillery_run(cfg, warmup: int) -> dict:
-    from distillery.train.distill import run_distill
+    from distillery.distill.method import run_distill
 
     t0 = time.perf_counter()
     rc = run_distill(cfg)
@@ -145,7 +145,7 @@ def main() -> int:
     import torch
 
     from distillery.runtime import ensure_ray
-    from distillery.teacher.cache import load_cache_manifest, run_cache_teacher
+    from distillery.distill.teacher_cache import load_cache_manifest, run_cache_teacher
 
     torch.set_num_threads(2)  # as the one Ray Train worker with train.cpus_per_worker=2
     work = Path(args.workdir or tempfile.mkdtemp(prefix="distillery-bench-"))

@@ -77,7 +77,7 @@ def measure(variant: str, kind: str, vocab: int, positions: int, chunk: int, rep
 
     import torch
 
-    from distillery.losses import distill_loss, naive_distill_loss
+    from distillery.distill.losses import distill_loss, naive_distill_loss
 
     torch.set_num_threads(threads)
     s, t, labels = inputs(vocab, positions)
@@ -165,7 +165,7 @@ def gradient_check(vocab: int = 4096, positions: int = 1024, chunk: int = 256) -
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd.gkd_trainer import GKDTrainer
 
-    from distillery.losses import distill_loss, naive_distill_loss
+    from distillery.distill.losses import distill_loss, naive_distill_loss
 
     s, t, labels = inputs(vocab, positions, seed=1)
 
@@ -198,7 +198,7 @@ def fit(vocab: int, positions: int, max_gib: float) -> int:
 def chunk_label(chunk: int | None, vocab: int, positions: int, fused: bool = False) -> str:
     """The chunk size a variant ran at: given, or the default for this vocabulary and the number
     of target positions `inputs` makes (each row's prompt has none)."""
-    from distillery.losses import default_chunk_size
+    from distillery.distill.losses import default_chunk_size
 
     rows, width = max(positions // ROW, 1), min(positions, ROW)
     targets = rows * (width - min(32, width // 4))

@@ -110,7 +110,7 @@ def bench_serve(model_dir: Path, prompts: list[str], max_tokens: int, levels: li
     from ray import serve
 
     from distillery.config import Config
-    from distillery.serving import APP_NAME, build_app
+    from distillery.serving.app import APP_NAME, build_app
 
     port = 8765
     cfg = Config.model_validate({"serve": {

@@ -26,11 +26,6 @@ from typing import Callable
 from distillery.config import Config, ConfigError, check_paths, explain, load_config
 
 EXIT_CONFIG = 2  # bad config, bad arguments or missing inputs: nothing ran
-EXIT_NOT_AVAILABLE = 3  # the stage exists in the CLI but has not been built yet
-
-# Stages named in the CLI whose implementation has not landed yet. A stage leaves this
-# mapping when its module lands; until then it refuses loudly instead of pretending.
-PENDING_STAGES: dict[str, str] = {}
 
 # Inputs each stage needs on disk before any Ray work starts.
 STAGE_INPUTS: dict[str, list[str]] = {
@@ -44,14 +39,14 @@ STAGE_INPUTS: dict[str, list[str]] = {
 }
 
 
-def _stage_runner(stage: str) -> Callable[[Config], int] | None:
+def _stage_runner(stage: str) -> Callable[[Config], int]:
     """The function that runs `stage`, imported lazily so `distillery config` stays fast."""
     if stage == "prepare":
         from distillery.data.prepare import run_prepare
 
         return run_prepare
     if stage == "cache-teacher":
-        from distillery.teacher.cache import run_cache_teacher
+        from distillery.distill.teacher_cache import run_cache_teacher
 
         return run_cache_teacher
     if stage == "finetune":
@@ -59,22 +54,22 @@ def _stage_runner(stage: str) -> Callable[[Config], int] | None:
 
         return run_finetune
     if stage == "distill":
-        from distillery.train.distill import run_distill
+        from distillery.distill.method import run_distill
 
         return run_distill
     if stage == "tune":
-        from distillery.tune import run_tune
+        from distillery.tune.search import run_tune
 
         return run_tune
     if stage == "eval":
-        from distillery.evaluate import run_eval
+        from distillery.evaluation.run import run_eval
 
         return run_eval
     if stage == "serve":
-        from distillery.serving import run_serve
+        from distillery.serving.app import run_serve
 
         return run_serve
-    return None
+    raise ValueError(f"no runner for stage '{stage}'")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -201,15 +196,7 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     stage = args.command
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg, STAGE_INPUTS[stage])
-    runner = _stage_runner(stage)
-    if runner is None:
-        print(
-            f"distillery {stage}: not available yet; it arrives with {PENDING_STAGES[stage]}. "
-            f"The config {args.config} is valid.",
-            file=sys.stderr,
-        )
-        return EXIT_NOT_AVAILABLE
-    return runner(cfg)
+    return _stage_runner(stage)(cfg)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

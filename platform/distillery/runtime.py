@@ -18,9 +18,12 @@ def ensure_ray(num_cpus: float | None = None, **kwargs) -> bool:
     """Make sure this process is connected to Ray; True if this call started it (the caller shuts it down).
 
     `num_cpus` sizes a new local instance (logical CPUs; may exceed physical cores, see
-    ARCHITECTURE.md); it is ignored when joining an existing cluster, which has its own.
+    docs/architecture.md); it is ignored when joining an existing cluster, which has its own.
+    Worker log lines known to be noise (ray_compat.NOISE) are not echoed here; they stay in Ray's logs.
     """
     import ray
+
+    from distillery.ray_compat import drop_noise_from_worker_logs
 
     if ray.is_initialized():
         return False
@@ -30,9 +33,10 @@ def ensure_ray(num_cpus: float | None = None, **kwargs) -> bool:
         ray.init(address=address, **{k: v for k, v in kwargs.items() if k not in _START_ONLY})
     else:
         # The private instance lives as long as the stage, without a dashboard unless asked for: on a
-        # small machine the dashboard's processes take a real share of the cores (measured on 2 cores:
-        # a plain training loop ran ~25% slower beside an idle local Ray with the dashboard, ~7%
-        # without). For a dashboard, `ray start --head` and set RAY_ADDRESS.
+        # small machine the dashboard's processes take a real share of the cores
+        # (benchmarks/README.md, "Ray's own cost on 2 cores"). For a dashboard, `ray start --head`
+        # and set RAY_ADDRESS.
         kwargs.setdefault("include_dashboard", False)
         ray.init(address="local", num_cpus=num_cpus, **kwargs)
+    drop_noise_from_worker_logs()
     return True

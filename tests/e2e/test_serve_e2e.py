@@ -67,7 +67,7 @@ def server(tiny_teacher, tmp_path_factory):
     from ray import serve
 
     from distillery.config import Config
-    from distillery.serving import APP_NAME, build_app
+    from distillery.serving.app import APP_NAME, build_app
 
     tmp = tmp_path_factory.mktemp("serve")
     lora = make_lora_run(tiny_teacher, tmp / "lora-run")

@@ -13,11 +13,12 @@ import ray
 import torch
 
 from distillery.config import ConfigError, load_config
-from distillery.evaluate import val_and_teacher_metrics
-from distillery.losses import VocabularyMismatchError
+from distillery.evaluation.model_metrics import val_and_teacher_metrics
+from distillery.distill.losses import VocabularyMismatchError
 from distillery.models.init_model import ArchSpec, init_model
-from distillery.teacher.cache import run_cache_teacher
-from distillery.train.distill import DistillObjective, run_distill, validate_distill
+from distillery.distill.teacher_cache import run_cache_teacher
+from distillery.distill.method import run_distill, validate_distill
+from distillery.distill.objective import DistillObjective
 from distillery.train.finetune import run_finetune
 
 pytestmark = pytest.mark.slow

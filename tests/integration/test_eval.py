@@ -7,7 +7,7 @@ import json
 import pytest
 
 from distillery.config import load_config
-from distillery.evaluate import run_eval
+from distillery.evaluation.run import run_eval
 
 pytestmark = pytest.mark.slow
 

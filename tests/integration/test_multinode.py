@@ -9,7 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from distillery.config import load_config
-from distillery.train.distill import run_distill
+from distillery.distill.method import run_distill
 
 pytestmark = pytest.mark.slow
 

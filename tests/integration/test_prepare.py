@@ -308,3 +308,27 @@ def test_driver_memory_does_not_grow_with_corpus_size(ray_local, tmp_path, tiny_
         assert m["steps"]["read"] == n
     # A corpus 5x larger may not cost the driver more than a fixed margin more.
     assert growth[50_000] < growth[10_000] + 64 * 2**20, growth
+
+
+def test_driver_drops_only_known_noise(ray_local, capsys):
+    """Ray Train's placement-group cleaner warning is not echoed on the driver; other worker lines are."""
+    import time
+
+    import ray
+
+    from distillery.ray_compat import NOISE
+
+    @ray.remote(num_cpus=0)
+    def shout() -> None:
+        import sys
+
+        print(f"WARNING x.py:87 -- {NOISE[0]}. Continuing to monitor.", file=sys.stderr, flush=True)
+        print("WARNING a real warning from a worker", file=sys.stderr, flush=True)
+
+    ray.get(shout.remote())
+    err, deadline = "", time.monotonic() + 30
+    while "a real warning from a worker" not in err and time.monotonic() < deadline:
+        time.sleep(0.5)
+        err += capsys.readouterr().err
+    assert "a real warning from a worker" in err
+    assert NOISE[0] not in err

@@ -13,8 +13,8 @@ from kd_fixture import write_prepared
 from transformers import AutoModelForCausalLM
 
 from distillery.config import load_config
-from distillery.losses import SparseTeacher, distill_loss
-from distillery.teacher.cache import (
+from distillery.distill.losses import SparseTeacher, distill_loss
+from distillery.distill.teacher_cache import (
     CACHE_MANIFEST,
     IDS_COL,
     LOGPROBS_COL,

@@ -17,7 +17,7 @@ from ray_head import BIN
 
 from distillery.config import ConfigError, load_config
 from distillery.train.finetune import run_finetune
-from distillery.tune import run_tune
+from distillery.tune.search import run_tune
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_placement_group_of_a_killed_owner_is_removed():
     """What happens to a Ray Train controller that Tune stops: its workers' group must be freed."""
     from ray.util.placement_group import placement_group, placement_group_table
 
-    from distillery.tune import remove_orphaned_placement_groups
+    from distillery.tune.janitor import remove_orphaned_placement_groups
 
     @ray.remote(num_cpus=0)
     class Owner:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from distillery.cli import EXIT_CONFIG, EXIT_NOT_AVAILABLE, PENDING_STAGES, main
+from distillery.cli import EXIT_CONFIG, main
 
 
 def test_config_prints_resolved_yaml(tmp_path, capsys):
@@ -37,12 +37,17 @@ def test_missing_input_exits_2_before_any_work(tmp_path, capsys):
     assert "data.sources.0.path" in capsys.readouterr().err
 
 
-def test_pending_stages_say_so_and_fail(tmp_path, capsys, tiny_student):
+def test_unbuilt_method_exits_2_before_ray(tmp_path, capsys, prepared_tiny, tiny_student):
+    """`method.kind: esft` is refused by `distillery finetune` with exit 2 and Ray never starts."""
+    import ray
+
     p = tmp_path / "c.yaml"
-    p.write_text(f"serve:\n  models: [{{path: {tiny_student}}}]\n")
-    if "serve" in PENDING_STAGES:
-        assert main(["serve", str(p)]) == EXIT_NOT_AVAILABLE
-        assert "not available yet" in capsys.readouterr().err
+    p.write_text(f"data: {{prepared: {prepared_tiny}}}\nmodel: {{path: {tiny_student}}}\nmethod: {{kind: esft}}\n"
+                 f"output_dir: {tmp_path}/run\n")
+    assert main(["finetune", str(p)]) == EXIT_CONFIG
+    assert "method.kind: esft" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "run").exists()
 
 
 def test_init_model_flag_errors(tmp_path, capsys, tiny_teacher):

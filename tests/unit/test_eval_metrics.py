@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from distillery.config import ConfigError
-from distillery.evaluate import load_jsonl_examples, normalize_answer, predicted_label, render_report, score, token_f1
+from distillery.evaluation.metrics import load_jsonl_examples, normalize_answer, predicted_label, score, token_f1
+from distillery.evaluation.report import render_report
 
 
 def test_normalisation_handles_punctuation_articles_and_cjk():

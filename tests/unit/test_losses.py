@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillery.losses import (
+from distillery.distill.losses import (
     KINDS,
     SparseTeacher,
     TeacherHidden,
@@ -332,7 +332,7 @@ def test_layer_map_pairs_last_layers():
 
 
 def test_default_chunk_keeps_a_chunk_at_a_fixed_size():
-    from distillery.losses import default_chunk_size
+    from distillery.distill.losses import default_chunk_size
 
     assert default_chunk_size(32768) == 128 and default_chunk_size(131072) == 32 and default_chunk_size(10**7) == 16
     assert default_chunk_size(32768, positions=4096) == 128 and default_chunk_size(32768, positions=1920) == 64

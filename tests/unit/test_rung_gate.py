@@ -3,7 +3,7 @@
 import pytest
 from ray.tune.schedulers import ASHAScheduler
 
-from distillery.rung_gate import rung_evaluations
+from distillery.tune.rung_gate import rung_evaluations
 
 
 @pytest.mark.parametrize("grace,rf,max_t,rungs", [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distillery.config import ConfigError, load_config
-from distillery.search_space import to_tune_space, validate_search_space, with_values
+from distillery.tune.space import to_tune_space, validate_search_space, with_values
 
 
 @pytest.fixture

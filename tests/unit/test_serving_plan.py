@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from distillery.config import Config, ConfigError
-from distillery.serving import ADAPTERS_KEY, MAX_LEN_KEY, llm_config, plan_engines, read_api_key
-from distillery.serving_ingress import ApiKeyGuard, key_digest
+from distillery.serving.app import llm_config, plan_engines, read_api_key
+from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY
+from distillery.serving.ingress import ApiKeyGuard, key_digest
 
 
 def fake_model(path: Path, max_pos: int = 1024) -> Path:

@@ -11,7 +11,8 @@ from distillery.config import ConfigError, MethodConfig, load_config
 from distillery.models.plan import apply_method
 from distillery.train.collate import collate
 from distillery.train.ewc import EwcPenalty, estimate_fisher
-from distillery.train.loop import build_optimizer, lr_lambda, shard_batches
+from distillery.train.batches import shard_batches
+from distillery.train.loop import build_optimizer, lr_lambda
 from distillery.train.objective import CrossEntropyObjective, key_term_mask, key_term_sequences
 
 
@@ -53,15 +54,39 @@ def test_plan_errors(tiny_teacher):
 def test_missing_frozen_layers_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher):
     """`validate_training` (run before Ray starts, and by each tune trial before its workers) reads the
     layer count from config.json: a 2-layer model cannot train its last 99 or its first 3."""
-    from distillery.train.trainer import validate_training
+    from distillery.train.finetune import FINETUNE
+    from distillery.train.run import validate_training
 
     for n in (99, -3):
         cfg = load_config(overrides=[f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}",
                                      "method.kind=freeze", f"method.freeze.trainable_layers={n}"])
         with pytest.raises(ConfigError, match=rf"trainable_layers: {n} is not in ±1..±2 for a 2-layer model"):
-            validate_training(cfg)
+            validate_training(cfg, FINETUNE)
     validate_training(load_config(overrides=[f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}",
-                                             "method.kind=freeze", "method.freeze.trainable_layers=-2"]))
+                                             "method.kind=freeze", "method.freeze.trainable_layers=-2"]), FINETUNE)
+
+
+def test_settings_that_cannot_work_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher):
+    """ESFT (not built yet), EWC without the previous task's data, and fine-tuning-only keys under
+    distill fail in `validate_training`, not inside the workers."""
+    from distillery.distill.method import DISTILL
+    from distillery.train.finetune import FINETUNE
+    from distillery.train.run import validate_training
+
+    base = [f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}"]
+    with pytest.raises(ConfigError, match="method.kind: esft"):
+        validate_training(load_config(overrides=base + ["method.kind=esft"]), FINETUNE)
+    with pytest.raises(ConfigError, match="train.ewc.previous: set"):
+        validate_training(load_config(overrides=base + ["train.ewc.lambda=1"]), FINETUNE)
+    with pytest.raises(ConfigError, match="train.ewc.previous: no prepared train split"):
+        validate_training(load_config(overrides=base + ["train.ewc.lambda=1", f"train.ewc.previous={tmp_path}/none"]), FINETUNE)
+    validate_training(load_config(overrides=base + ["train.ewc.lambda=1", f"train.ewc.previous={prepared_tiny}"]), FINETUNE)
+    teacher = [f"model.teacher={tiny_teacher}"]
+    with pytest.raises(ConfigError, match="train.key_terms: applies to `distillery finetune` only"):
+        validate_training(load_config(overrides=base + teacher + ["train.key_terms=[SKU]"]), DISTILL)
+    with pytest.raises(ConfigError, match="train.ewc.lambda: applies to `distillery finetune` only"):
+        validate_training(load_config(overrides=base + teacher + ["train.ewc.lambda=1"]), DISTILL)
+    validate_training(load_config(overrides=base + teacher), DISTILL)
 
 
 def test_optimizer_is_fused_adamw_with_the_default_update(tiny_teacher):
@@ -123,7 +148,7 @@ def test_shard_batches_cut_like_iter_batches(n):
 def test_validation_batches_replay_a_small_shard_and_stream_a_large_one(monkeypatch):
     import torch
 
-    from distillery.train import loop
+    from distillery.train import batches as loop
 
     cpu = torch.device("cpu")
     small = _Rows(40)

@@ -46,7 +46,7 @@ class Demo:
 
     def cfg(self, **dotted) -> Config:
         """The demo config with work-dir-relative paths made absolute and `dotted` overrides applied."""
-        from distillery.search_space import with_values
+        from distillery.tune.space import with_values
 
         tree = json.loads(json.dumps(self.base))
         tree["output_dir"] = self.path(tree.get("output_dir", "runs/demo"))
@@ -109,11 +109,11 @@ def run_demo(config_path: str = "jobs/demo.yaml", workdir: str = "runs/demo") ->
     started = ensure_ray(num_cpus=4, include_dashboard=True)
     try:
         from distillery.data.prepare import run_prepare
-        from distillery.evaluate import run_eval
-        from distillery.teacher.cache import run_cache_teacher
-        from distillery.train.distill import run_distill
+        from distillery.evaluation.run import run_eval
+        from distillery.distill.teacher_cache import run_cache_teacher
+        from distillery.distill.method import run_distill
         from distillery.train.finetune import run_finetune
-        from distillery.tune import run_tune
+        from distillery.tune.search import run_tune
 
         t = d.step("prepare: validate, dedupe, augment (synonyms, clause reordering), split and tokenise with Ray Data")
         _check(run_prepare(d.cfg(**{"model.path": str(teacher_init)})), "prepare")
@@ -172,7 +172,7 @@ def _serve_and_ask(cfg: Config, test_jsonl: Path, n_questions: int = 6) -> None:
     from openai import OpenAI
     from ray import serve
 
-    from distillery.serving import APP_NAME, build_app
+    from distillery.serving.app import APP_NAME, build_app
 
     s = cfg.serve
     serve.start(http_options={"host": s.host, "port": s.port})

@@ -45,6 +45,18 @@ def check_trainable_layers(n: int, layers: int) -> None:
         raise ConfigError(f"method.freeze.trainable_layers: {n} is not in ±1..±{layers} for a {layers}-layer model")
 
 
+ESFT_NOT_BUILT = "method.kind: esft (expert-specialised fine-tuning for MoE models) is not available yet; use full, lora or freeze"
+
+
+def check_method(method: MethodConfig, model_config) -> None:
+    """What can be checked of `method` from the model's config alone, before any worker loads it."""
+    if method.kind == "esft":
+        raise ConfigError(ESFT_NOT_BUILT)
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if method.kind == "freeze" and layers:
+        check_trainable_layers(method.freeze.trainable_layers, layers)
+
+
 def _plan(model, kind: str) -> ParamPlan:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     total = sum(p.numel() for p in model.parameters())
@@ -92,4 +104,4 @@ def apply_method(model, method: MethodConfig):
                 p.requires_grad_(True)
         return model, _plan(model, "freeze")
 
-    raise ConfigError("method.kind: esft (expert-specialised fine-tuning for MoE models) is not available yet")
+    raise ConfigError(ESFT_NOT_BUILT)

@@ -1,1 +1,1 @@
-"""Ray Train per-worker loops: finetune (SFT) and distill (teacher -> student)."""
+"""Ray Train: the per-worker loop shared by every training method, the objective protocol, and supervised fine-tuning."""

@@ -9,14 +9,38 @@ a teacher (online or cached) and extra trainable modules (`extra_modules`) witho
 from __future__ import annotations
 
 import math
-import os
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from distillery.config import Config
 from distillery.data.splits import IGNORE_INDEX
+
+
+class Objective(Protocol):
+    """What the loop needs of a training method's loss (cross-entropy here, distillation in distill/)."""
+
+    def columns(self) -> list[str]:
+        """Dataset columns a batch needs."""
+
+    def extra_modules(self) -> list[torch.nn.Module]:
+        """Trainable modules outside the model (e.g. feature projections); trained, never exported."""
+
+    def after_wrap(self, model) -> None:
+        """Called once the model is wrapped (FSDP/DDP): lay out any per-parameter state like the parameters."""
+
+    def set_step(self, step: int, total: int) -> None:
+        """Called before every optimiser step (schedules read it)."""
+
+    def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to back-propagate, metrics) for one collated micro-batch."""
+
+    def after_backward(self, model) -> dict[str, float]:
+        """Once per optimiser step, after the last backward: add gradient terms, return their metrics."""
+
+    def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
+        """Sums over a validation batch: `nll`, `tokens` and any extras (the loop all-reduces, then divides)."""
 
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,30 +167,3 @@ def finish_eval(sums: dict[str, float]) -> dict[str, float]:
         if key not in ("nll", "tokens"):
             out[f"val_{key}"] = value / tokens
     return out
-
-
-def build_objective(cfg: Config, stage: str, tokenizer, model, device: torch.device):
-    """The objective for `stage`, built on each worker before the model is wrapped."""
-    if stage == "distill":
-        from distillery.train.distill import DistillObjective
-
-        return DistillObjective(cfg, tokenizer, model, device)
-    ewc = None
-    if cfg.train.ewc.lam > 0:
-        from distillery.train.ewc import EwcPenalty, estimate_fisher, previous_rows
-
-        path = os.path.join(cfg.output_dir, "ewc.safetensors")
-        if os.path.exists(path):
-            ewc = EwcPenalty.load(cfg.train.ewc.lam, path)
-        else:
-            rows = previous_rows(cfg)
-            ewc = EwcPenalty(cfg.train.ewc.lam, *estimate_fisher(model, rows, tokenizer.pad_token_id))
-            if _rank() == 0:
-                ewc.save(path)
-    return CrossEntropyObjective(cfg, tokenizer, ewc)
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -1,10 +1,6 @@
-"""`distillery distill`: a frozen teacher teaches a smaller student on Ray Train.
+"""The distillation objective: what one batch's loss is when a frozen teacher teaches the student.
 
-    distillery cache-teacher jobs/distill.yaml     # optional: run the teacher once (teacher_mode: cached)
-    distillery distill jobs/distill.yaml distill.loss=jsd distill.temperature=3
-
-The student trains with any `method.kind` (full, LoRA, freeze) in the same loop as finetune;
-only the objective differs: alpha·KD + (1 − alpha)·CE over response tokens (losses.py), with the
+alpha·KD + (1 − alpha)·CE over response tokens (distill/losses.py), with the
 teacher either run online on every worker (frozen, eval mode, no grad, FSDP2-sharded like the
 student) or read from the offline top-k cache streamed with the data. Optional: hidden-state
 (and attention-map) distillation through learned projections, temperature/alpha schedules,
@@ -20,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from distillery.config import Config, ConfigError
-from distillery.data.splits import IGNORE_INDEX, read_split
-from distillery.losses import (
+from distillery.data.splits import IGNORE_INDEX
+from distillery.distill.losses import (
     SparseTeacher,
     check_vocab,
     distill_loss,
@@ -33,42 +29,22 @@ from distillery.losses import (
     schedule,
     teacher_entropy,
 )
-from distillery.models.load import load_causal_lm, model_config, resolve_model_dir
+from distillery.distill.teacher_cache import CACHE_COLUMNS, sparse_teacher_batch
+from distillery.models.load import load_causal_lm, resolve_model_dir
+from distillery.models.plan import decoder_layers
+from distillery.train.method import TRAIN_COLUMNS
 from distillery.train.objective import lm_head_of, shift
 
-CACHE_COLUMNS = ["teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob"]
+
+def wants_attention(cfg: Config) -> bool:
+    """Whether the objective distils attention maps (then teacher and student need eager attention)."""
+    return cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0
 
 
-def distill_datasets(cfg: Config) -> dict:
-    """Cached mode streams the teacher cache (prepared columns + top-k); online mode the prepared splits."""
-    cols = ["row_id", "input_ids", "labels"]
-    if cfg.distill.teacher_mode == "cached":
-        from distillery.teacher.cache import read_cache
-
-        return {"train": read_cache(cfg, "train").select_columns(cols + CACHE_COLUMNS),
-                "val": read_cache(cfg, "val").select_columns(cols + CACHE_COLUMNS)}
-    return {"train": read_split(cfg.prepared_dir, "train", cols), "val": read_split(cfg.prepared_dir, "val", cols)}
-
-
-def validate_distill(cfg: Config) -> None:
-    """Fail before Ray starts: teacher present, vocabularies equal, cache matches the data."""
-    student_vocab = model_config(cfg.model.path).vocab_size
-    if cfg.distill.teacher_mode == "cached":
-        from distillery.teacher.cache import check_cache
-
-        manifest = check_cache(cfg)
-        check_vocab(int(manifest["vocab_size"]), student_vocab, teacher=f"teacher cache {cfg.teacher_cache_dir}", student=str(cfg.model.path))
-        return
-    if not cfg.model.teacher:
-        raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory)")
-    teacher_vocab = model_config(cfg.model.teacher).vocab_size
-    check_vocab(teacher_vocab, student_vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
-
-
-def _layers_of(model):
-    from distillery.models.plan import decoder_layers
-
-    return decoder_layers(model)
+def attn_implementation(cfg: Config) -> str | None:
+    """The attention kernel teacher and student load with: eager when attention maps are distilled
+    (SDPA and flash kernels return none), else `model.attn_implementation`."""
+    return "eager" if wants_attention(cfg) else cfg.model.attn_implementation
 
 
 class DistillObjective:
@@ -84,14 +60,14 @@ class DistillObjective:
         if self.d.teacher_mode == "online":
             self.teacher = load_causal_lm(
                 resolve_model_dir(cfg.model.teacher), dtype="bfloat16" if cfg.train.use_gpu else "float32",
-                attn_implementation="eager" if self._wants_attention() else None,
+                attn_implementation=attn_implementation(cfg),
             )
             check_vocab(self.teacher.config.vocab_size, self.vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
             self.teacher.eval().requires_grad_(False).to(device)
         self.pairs: list[tuple[int, int]] = []
         self.projections = torch.nn.ModuleList()
         if self.d.hidden is not None:
-            s_layers, t_layers = len(_layers_of(student)), len(_layers_of(self.teacher))
+            s_layers, t_layers = len(decoder_layers(student)), len(decoder_layers(self.teacher))
             self.pairs = [tuple(p) for p in self.d.hidden.layer_map] if self.d.hidden.layer_map else layer_map(s_layers, t_layers)
             for s, t in self.pairs:
                 if not (0 <= s < s_layers and 0 <= t < t_layers):
@@ -106,8 +82,7 @@ class DistillObjective:
     # -- loop hooks -------------------------------------------------------------------------
 
     def columns(self) -> list[str]:
-        base = ["row_id", "input_ids", "labels"]
-        return base + CACHE_COLUMNS if self.d.teacher_mode == "cached" else base
+        return TRAIN_COLUMNS + CACHE_COLUMNS if self.d.teacher_mode == "cached" else TRAIN_COLUMNS
 
     def extra_modules(self) -> list[torch.nn.Module]:
         return [self.projections] if any(True for _ in self.projections.parameters()) else []
@@ -117,7 +92,7 @@ class DistillObjective:
         if self.teacher is not None and self.cfg.train.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in _layers_of(self.teacher):
+            for layer in decoder_layers(self.teacher):
                 fully_shard(layer)
             fully_shard(self.teacher)
 
@@ -130,7 +105,7 @@ class DistillObjective:
     # -- weights over training --------------------------------------------------------------
 
     def _wants_attention(self) -> bool:
-        return self.d.hidden is not None and self.d.hidden.attention_weight > 0
+        return wants_attention(self.cfg)
 
     def current(self) -> dict[str, float]:
         """Temperature, alpha and hidden weight at the current step (stages, else schedules)."""
@@ -159,8 +134,6 @@ class DistillObjective:
     def _teacher(self, batch: dict[str, Any], need_hidden: bool, need_attn: bool):
         """(teacher for the KD loss, teacher hidden states or None, teacher attentions or None)."""
         if self.teacher is None:
-            from distillery.teacher.cache import sparse_teacher_batch
-
             T = batch["input_ids"].shape[1]
             ids, lps, tail = sparse_teacher_batch(
                 batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"], T, self.d.top_k
@@ -236,9 +209,3 @@ class DistillObjective:
         kl = distill_loss(out.logits.float(), teacher, batch["labels"], kind="forward_kl", temperature=1.0, alpha=1.0,
                           keep_tail=self.d.keep_tail, chunk_size=self.d.chunk_size)
         return {"nll": nll, "tokens": float(n), "teacher_top1_agreement": agree, "teacher_kl": float(kl.kd) * kl.num_tokens}
-
-
-def run_distill(cfg: Config) -> int:
-    from distillery.train.trainer import run_training
-
-    return run_training(cfg, "distill")

@@ -16,7 +16,6 @@ Writes `<output_dir>/tune/`: `leaderboard.csv`, `best.yaml` (reproduces the best
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -28,23 +27,24 @@ from typing import Any
 import yaml
 
 from distillery.config import Config, ConfigError, validate_tree
-from distillery.rung_gate import decision_callback, rung_evaluations
+from distillery.distill.method import DISTILL
 from distillery.runtime import ensure_ray
-from distillery.search_space import to_tune_space, validate_search_space, with_values
+from distillery.train.finetune import FINETUNE
+from distillery.train.method import TrainingMethod
+from distillery.train.run import build_trainer, validate_training
+from distillery.tune.leaderboard import leaderboard_rows, tune_dir, write_csv, write_plots
+from distillery.tune.janitor import placement_group_janitor, remove_orphaned_placement_groups
+from distillery.tune.rung_gate import RungGate, decision_callback, rung_evaluations
+from distillery.tune.space import to_tune_space, validate_search_space, with_values
 
 SEARCH_NAME = "search"
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train V2: seconds between controller polls of its workers
 
 
-def tune_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir).resolve() / "tune"
-
-
-def trial_stage(cfg: Config) -> str:
-    """Which training stage a trial runs."""
-    if cfg.tune.stage != "auto":
-        return cfg.tune.stage
-    return "distill" if cfg.model.teacher else "finetune"
+def trial_method(cfg: Config) -> TrainingMethod:
+    """The training method every trial runs: `tune.stage`, or distill when the config names a teacher."""
+    stage = cfg.tune.stage if cfg.tune.stage != "auto" else ("distill" if cfg.model.teacher else "finetune")
+    return DISTILL if stage == "distill" else FINETUNE
 
 
 def reports_per_trial(cfg: Config) -> int:
@@ -69,55 +69,14 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from distillery.train.trainer import build_trainer, validate_training
-
     base = validate_tree(yaml.safe_load(base_yaml), "tune base config")
     trial_id = tune.get_context().get_trial_id()
     cfg = with_values(base, {**params, "output_dir": os.path.join(trials_root, trial_id)})
-    gate = {"trial_id": trial_id, "rungs": asha_rungs(cfg)} if cfg.tune.scheduler == "asha" else None
-    validate_training(cfg, trial_stage(cfg))  # this trial's values (e.g. trainable_layers) fail here, before its workers
-    trainer = build_trainer(cfg, trial_stage(cfg), callbacks=[TuneReportCallback()], gate=gate)
+    gate = RungGate(trial_id, tuple(asha_rungs(cfg))) if cfg.tune.scheduler == "asha" else None
+    method = trial_method(cfg)
+    validate_training(cfg, method)  # this trial's values (e.g. trainable_layers) fail here, before its workers
+    trainer = build_trainer(cfg, method, callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
-
-
-def remove_orphaned_placement_groups() -> int:
-    """Remove placement groups whose creating actor has died; returns how many were removed.
-
-    When ASHA stops a trial, Tune ends the trial's actor and with it the Ray Train controller that
-    owns the workers' placement group. GCS frees a group only once its creator's job has ended too,
-    and Train's own cleaner asks the dashboard's state API, which a local Ray without a dashboard
-    (or a machine with several Ray instances) cannot answer: every stopped trial would keep its
-    CPUs and the search would stall waiting for them. Reads GCS directly (Ray 2.60 internals).
-    """
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        created_by_actor = pg.creator_actor_id and not ray.ActorID(pg.creator_actor_id).is_nil()
-        if pg.state != gcs_pb2.PlacementGroupTableData.REMOVED and created_by_actor and pg.creator_actor_dead and not pg.is_detached:
-            remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-            removed += 1
-    return removed
-
-
-def _placement_group_janitor():
-    """A Tune callback that runs `remove_orphaned_placement_groups` every couple of seconds."""
-    from ray.tune import Callback
-
-    class PlacementGroupJanitor(Callback):
-        def __init__(self, every_s: float = 2.0):
-            self.every_s, self.last = every_s, 0.0
-
-        def on_step_begin(self, iteration, trials, **info):
-            if time.monotonic() - self.last >= self.every_s:
-                self.last = time.monotonic()
-                remove_orphaned_placement_groups()
-
-    return PlacementGroupJanitor()
 
 
 def _concurrency(cfg: Config) -> int:
@@ -173,99 +132,8 @@ def build_tuner(cfg: Config):
             metric=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.metric,
             mode=None if tc.searcher == "optuna" or tc.scheduler == "asha" else tc.mode,
         ),
-        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[_placement_group_janitor(), decision_callback(asha_rungs(cfg) if tc.scheduler == "asha" else [])]),
+        run_config=tune.RunConfig(storage_path=str(out), name=SEARCH_NAME, verbose=1, callbacks=[placement_group_janitor(), decision_callback(asha_rungs(cfg) if tc.scheduler == "asha" else [])]),
     )
-
-
-def trial_statuses(results) -> dict[str, str]:
-    """Trial id -> Tune's status as saved in the search state: TERMINATED, ERROR, or PENDING /
-    PAUSED for a trial an interrupted search left unfinished (what a re-run resumes). Read from disk:
-    on Ctrl-C Tune saves the state, then stops the running trials in memory as if they had ended."""
-    from ray.tune import ExperimentAnalysis
-
-    return {t.trial_id: t.status for t in ExperimentAnalysis(results.experiment_path).trials}
-
-
-def leaderboard_rows(cfg: Config, results) -> list[dict[str, Any]]:
-    """One row per trial: params, best metric, evaluations and steps run, status, error."""
-    tc = cfg.tune
-    keys = list(tc.search_space)
-    statuses = trial_statuses(results)
-    rows = []
-    for r in results:
-        hist = r.metrics_dataframe
-        scored = hist.dropna(subset=[tc.metric]) if hist is not None and tc.metric in hist else None
-        metric_values = scored[tc.metric].tolist() if scored is not None else []
-        best = (min if tc.mode == "min" else max)(metric_values) if metric_values else None
-        iters = int(hist["evaluation"].max()) if hist is not None and "evaluation" in hist and len(hist) else 0
-        steps = int(hist["step"].max()) if hist is not None and "step" in hist and len(hist) else 0
-        if r.error:
-            status = "failed"
-        elif statuses.get(_trial_id(r), "TERMINATED") not in ("TERMINATED", "ERROR"):
-            status = "unfinished"
-        elif (r.metrics or {}).get("finished"):  # the training loop's last report: it ran to its end
-            status = "completed"
-        else:
-            status = "stopped early"
-        params = {k: (r.config or {}).get(k) for k in keys}
-        rows.append(
-            {
-                "trial_id": _trial_id(r),
-                **params,
-                tc.metric: best,
-                "evaluations": iters,
-                "steps": steps,
-                "status": status,
-                "error": (str(r.error).strip().splitlines() or [""])[-1][:300] if r.error else "",
-                "run_dir": str(tune_dir(cfg) / "trials" / _trial_id(r)),
-            }
-        )
-    rows.sort(key=lambda x: (x[tc.metric] is None, (x[tc.metric] or 0) * (1 if tc.mode == "min" else -1)))
-    return rows
-
-
-def _trial_id(result) -> str:
-    # Tune adds trial_id to every reported result; a trial that failed before reporting has none.
-    return (result.metrics or {}).get("trial_id") or ""
-
-
-def write_plots(cfg: Config, results, rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metric, paths = cfg.tune.metric, []
-    done = [r for r in rows if r[metric] is not None]
-    for key in cfg.tune.search_space:
-        fig, ax = plt.subplots(figsize=(4.5, 3.2))
-        xs = [r[key] for r in done]
-        if any(isinstance(x, str) for x in xs):
-            xs = [str(x) for x in xs]
-        ax.scatter(xs, [r[metric] for r in done], c=["tab:red" if r["status"] == "stopped early" else "tab:blue" for r in done])
-        if cfg.tune.search_space[key].get("loguniform"):
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.set_title(f"{metric} against {key} (red: stopped early)", fontsize=9)
-        fig.tight_layout()
-        paths.append(out / f"metric_vs_{key.replace('.', '_')}.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in results:
-        hist = r.metrics_dataframe
-        if hist is not None and metric in hist and "evaluation" in hist:
-            h = hist.dropna(subset=[metric]).drop_duplicates(subset="evaluation")  # checkpoint-only reports repeat one
-            ax.plot(h["evaluation"], h[metric], marker="o", ms=3, lw=1)
-    ax.set_xlabel("evaluation (ASHA rung time)")
-    ax.set_ylabel(metric)
-    ax.set_title("Learning curves of every trial")
-    fig.tight_layout()
-    paths.append(out / "asha_curves.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
 
 
 def run_tune(cfg: Config) -> int:
@@ -274,7 +142,7 @@ def run_tune(cfg: Config) -> int:
     reports_per_trial(cfg)
     out = tune_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    stage = trial_stage(cfg)
+    stage = trial_method(cfg).name
     # Each trial's Train controller collects its workers' reports when it polls them, every 2 s by
     # default; a trial ASHA stops trains on until its report arrives, so trials poll every 0.25 s
     # (unless the environment sets the interval).
@@ -297,7 +165,7 @@ def run_tune(cfg: Config) -> int:
 
             ray.shutdown()
     rows = leaderboard_rows(cfg, results)
-    _write_csv(out / "leaderboard.csv", rows)
+    write_csv(out / "leaderboard.csv", rows)
     write_plots(cfg, results, rows, out)
     unfinished = sum(r["status"] == "unfinished" for r in rows) + max(0, cfg.tune.num_samples - len(rows))
     if unfinished:
@@ -332,12 +200,3 @@ def run_tune(cfg: Config) -> int:
         flush=True,
     )
     return 0
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)

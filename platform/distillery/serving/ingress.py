@@ -24,9 +24,9 @@ from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.responses import JSONResponse, Response
 
-from ray.llm._internal.serve.core.configs.openai_api_models import ModelCard, ModelList, OpenAIHTTPException
-from ray.llm._internal.serve.core.ingress.ingress import OpenAiIngress
 from ray.serve.exceptions import BackPressureError
+
+from distillery import ray_compat as rc
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 429: "rate_limit_error", 503: "overloaded_error"}
@@ -87,7 +87,7 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
     return openai_error(400, f"invalid {where}: {first.get('msg')} (at {'.'.join(loc) or 'body'}){more}", param=field)
 
 
-class DistilleryIngress(OpenAiIngress):
+class DistilleryIngress(rc.OpenAiIngress):
     """OpenAI ingress with API keys, local LoRA adapters in /v1/models, and clean 4xx/503 answers.
 
     Args (bound by `build_openai_app` through `ingress_extra_kwargs`):
@@ -105,6 +105,7 @@ class DistilleryIngress(OpenAiIngress):
         self._overload_status = overload_status
         self._retry_after_s = retry_after_s
 
+    # The three private hooks below are listed, with why, in ray_compat.INGRESS_PRIVATE_HOOKS.
     # Ray Serve hands each replica its FastAPI app through this hook, before the first request
     # and before Starlette builds its middleware stack, so the app can still be wrapped here.
     def _set_asgi_app(self, app) -> None:
@@ -113,31 +114,31 @@ class DistilleryIngress(OpenAiIngress):
 
     async def _get_model_id(self, model: str | None) -> str:
         if model is not None and model.split(":", 1)[0] not in self._model_cards:
-            raise OpenAIHTTPException(404, f"model '{model}' does not exist; available: {self._all_ids()}",
+            raise rc.OpenAIHTTPException(404, f"model '{model}' does not exist; available: {self._all_ids()}",
                                       type="invalid_request_error")
         model_id = await super()._get_model_id(model)
         base, sep, name = model_id.partition(":")
         if sep and name not in self._adapters.get(base, {}):
-            raise OpenAIHTTPException(404, f"model '{model_id}' does not exist; available: {self._all_ids()}",
+            raise rc.OpenAIHTTPException(404, f"model '{model_id}' does not exist; available: {self._all_ids()}",
                                       type="invalid_request_error")
         return model_id
 
     def _all_ids(self) -> list[str]:
         return list(self._model_cards) + [f"{b}:{a}" for b, names in self._adapters.items() for a in names]
 
-    async def model(self, model_id: str) -> ModelCard | None:
+    async def model(self, model_id: str) -> rc.ModelCard | None:
         card = await super().model(model_id)
         if card is not None:
             return card
         base, sep, name = model_id.partition(":")
         if sep and name in self._adapters.get(base, {}):
             base_card = self._model_cards[base]
-            return ModelCard(id=model_id, object="model", owned_by=base_card.owned_by,
+            return rc.ModelCard(id=model_id, object="model", owned_by=base_card.owned_by,
                              permission=list(base_card.permission),
                              metadata={**base_card.metadata, "base_model_id": base})
         return None
 
-    async def models(self) -> ModelList:
+    async def models(self) -> rc.ModelList:
         listing = await super().models()
         for model_id in self._all_ids():
             if ":" in model_id:
@@ -150,7 +151,7 @@ class DistilleryIngress(OpenAiIngress):
         except BackPressureError as e:
             return openai_error(self._overload_status, f"server overloaded, retry later: {e}",
                                 headers={"Retry-After": str(self._retry_after_s)})
-        except OpenAIHTTPException as e:
+        except rc.OpenAIHTTPException as e:
             return openai_error(e.status_code, e.message)
         except HTTPException as e:
             return openai_error(e.status_code, str(e.detail))

@@ -6,7 +6,7 @@ Three ways to run the same application:
     serve run serve/student.ray.yaml                             # Ray Serve's own runner
     serve deploy serve/student.ray.yaml                          # onto a running cluster
 
-`serve run` / `serve deploy` import `distillery.serving:app_builder`, whose args name the
+`serve run` / `serve deploy` import `distillery.serving.app:app_builder`, whose args name the
 Distillery config (and optional overrides).
 
 Each `serve.models` entry is a run directory (`config.yaml` + `model/`) or a Hugging Face model
@@ -27,19 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import HTTPException
-from ray.llm._internal.common.models import global_id_manager
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-
 from distillery.config import Config, ConfigError, check_paths, load_config
-from distillery.models.load import adapter_base, resolve_model_dir
+from distillery.models.load import adapter_base, load_causal_lm, load_tokenizer, resolve_model_dir
 from distillery.runtime import ensure_ray
+from distillery.serving.ingress import DistilleryIngress, key_digest
+from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, DistilleryLLMServer
 
 APP_NAME = "distillery"
-ADAPTERS_KEY = "distillery_adapters"  # LLMConfig.experimental_configs key: adapter name -> local dir
-MAX_LEN_KEY = "distillery_max_model_len"  # LLMConfig.experimental_configs key: context length in tokens
 # LoRA ranks vLLM accepts for max_lora_rank.
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -70,8 +64,6 @@ def merge_adapter(adapter_dir: Path) -> Path:
     target = merged_dir(adapter_dir)
     if (target / "config.json").exists():
         return target
-    from distillery.models.load import load_causal_lm, load_tokenizer
-
     print(f"serve: merging LoRA adapter {adapter_dir} into full weights at {target}", flush=True)
     model = load_causal_lm(adapter_dir, dtype="float32").merge_and_unload()
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -216,8 +208,6 @@ def build_app(cfg: Config):
     """The Ray Serve application (`ray.serve.llm.build_openai_app`) for `cfg.serve`."""
     from ray.serve.llm import build_openai_app
 
-    from distillery.serving_ingress import DistilleryIngress, key_digest
-
     if not cfg.serve.models:
         raise ConfigError("serve.models: nothing to serve")
     key = read_api_key(cfg)
@@ -247,7 +237,7 @@ def build_app(cfg: Config):
 def app_builder(args: dict[str, Any]):
     """Application builder for Ray Serve's CLI.
 
-        serve run distillery.serving:app_builder config=serve/student.yaml
+        serve run distillery.serving.app:app_builder config=serve/student.yaml
         serve run serve/student.ray.yaml        # same, with args from a Serve config file
 
     args: `config` (a Distillery config path) and optional `overrides` (list of `key=value`).
@@ -305,83 +295,6 @@ def run_serve(cfg: Config) -> int:
                 ray.shutdown()
     print("serve: stopped", flush=True)
     return 0
-
-
-# --------------------------------------------------------------------------- engine side
-
-
-class LocalAdapterLoader(LoraModelLoader):
-    """Resolves `base:adapter` to a local PEFT directory (Ray's loader only reads cloud storage)."""
-
-    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
-        if lora_model_id in self.disk_cache:
-            return self.disk_cache[lora_model_id]
-        name = lora_model_id.split(":", 1)[1] if ":" in lora_model_id else ""
-        path = llm_config.experimental_configs.get(ADAPTERS_KEY, {}).get(name)
-        if path is None:
-            raise HTTPException(404, f"model '{lora_model_id}' does not exist")
-        disk = DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=path,
-                                   lora_assigned_int_id=global_id_manager.next())
-        self.disk_cache[lora_model_id] = disk
-        return disk
-
-
-class DistilleryLLMServer(LLMServer):
-    """Ray's LLM server (the engine replica), plus local LoRA adapters and a context-length check.
-
-    vLLM silently shortens `max_tokens` when prompt + max_tokens exceed the context; a client
-    asking for more than fits gets a 400 here instead, before the request is scheduled.
-    """
-
-    async def __init__(self, llm_config, *, engine_cls=None, model_downloader=None):
-        await super().__init__(llm_config, engine_cls=engine_cls,
-                               model_downloader=model_downloader or LocalAdapterLoader)
-        self._tokenizer = None
-
-    def _prompt_tokens(self, request) -> int:
-        if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._llm_config.model_loading_config.model_source)
-        tok = self._tokenizer
-        messages = getattr(request, "messages", None)
-        if messages is not None:
-            plain = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
-            ids = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
-            return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        prompt = request.prompt
-        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
-        return max((len(p) if not isinstance(p, str) else len(tok(p)["input_ids"])) for p in prompts or [""])
-
-    def _context_error(self, request):
-        """An ErrorResponse (400) when prompt + max_tokens exceed the context, else None."""
-        limit = self._llm_config.experimental_configs.get(MAX_LEN_KEY)
-        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        if not limit or not wanted:
-            return None
-        try:
-            n = self._prompt_tokens(request)
-        except Exception:  # noqa: BLE001 - an unusual prompt shape is left to vLLM's own checks
-            return None
-        if n + wanted <= limit:
-            return None
-        from ray.llm._internal.serve.core.configs.openai_api_models import ErrorInfo, ErrorResponse
-
-        message = (f"prompt ({n} tokens) plus max_tokens ({wanted}) exceeds the model's context of {limit} "
-                   f"tokens; shorten the prompt or lower max_tokens")
-        return ErrorResponse(error=ErrorInfo(message=message, type="invalid_request_error", param="max_tokens", code=400))
-
-    async def chat(self, request, raw_request_info=None):
-        error = self._context_error(request)
-        return _once(error) if error else await super().chat(request, raw_request_info)
-
-    async def completions(self, request, raw_request_info=None):
-        error = self._context_error(request)
-        return _once(error) if error else await super().completions(request, raw_request_info)
-
-
-async def _once(item):
-    yield item
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: keep module-level work behind this guard

@@ -1,6 +1,7 @@
-"""Build the Ray Train `TorchTrainer` for a training stage, and run it as a CLI stage.
+"""Build the Ray Train `TorchTrainer` for a training method, and run it as a CLI stage.
 
-Used by `distillery finetune`, `distillery distill` and by every `distillery tune` trial.
+Used by `distillery finetune`, `distillery distill` (through their `TrainingMethod`, train/method.py)
+and by every `distillery tune` trial.
 The run directory (`output_dir`) gets `config.yaml`, `metrics.jsonl`, `model/`, `run.json`,
 and Ray Train's own storage (`ray/`, checkpoints) — re-running with the same `output_dir`
 resumes from the last checkpoint. For multi-node runs `output_dir` must be shared storage.
@@ -16,30 +17,25 @@ from pathlib import Path
 
 from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
+from distillery.models.load import model_config
+from distillery.models.plan import check_method
 from distillery.runtime import ensure_ray
+from distillery.train.loop import EvaluationGate, train_loop_per_worker
+from distillery.train.method import TrainingMethod
 
 
-def validate_training(cfg: Config, stage: str = "finetune") -> None:
-    """Checks that need no Ray: strategy vs workers, prepared data present, frozen layers exist,
-    teacher/cache usable."""
+def validate_training(cfg: Config, method: TrainingMethod) -> None:
+    """Checks that need no Ray: strategy vs workers, prepared data present, the parameter plan fits
+    the model, then the method's own checks (teacher, cache, EWC data, ...)."""
     if cfg.train.strategy == "none" and cfg.train.num_workers > 1:
         raise ConfigError("train.strategy: 'none' trains one unwrapped model; use fsdp or ddp with train.num_workers > 1")
     if cfg.train.use_gpu is False and cfg.train.precision == "bf16":
         raise ConfigError("train.precision: bf16 mixed precision needs train.use_gpu (CPU training runs in fp32)")
     load_manifest(cfg.prepared_dir)
-    if cfg.method.kind == "freeze":
-        # Here rather than only in the workers: a trial or run with too many layers fails before any
-        # Ray Train worker starts (Tune searches over trainable_layers).
-        from distillery.models.load import model_config
-        from distillery.models.plan import check_trainable_layers
-
-        layers = getattr(model_config(cfg.model.path), "num_hidden_layers", None)
-        if layers:
-            check_trainable_layers(cfg.method.freeze.trainable_layers, layers)
-    if stage == "distill":
-        from distillery.train.distill import validate_distill
-
-        validate_distill(cfg)
+    # Here rather than only in the workers: a trial or run whose plan cannot work (too many frozen
+    # layers, a method not built yet) fails before any Ray Train worker starts.
+    check_method(cfg.method, model_config(cfg.model.path))
+    method.validate(cfg)
 
 
 def total_steps(cfg: Config, train_rows: int) -> int:
@@ -57,27 +53,15 @@ def total_steps(cfg: Config, train_rows: int) -> int:
     return steps
 
 
-def training_datasets(cfg: Config, stage: str) -> dict:
-    """The Ray Datasets a stage streams: prepared train/val, or the teacher cache for cached distillation."""
-    if stage == "distill":
-        from distillery.train.distill import distill_datasets
+def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = None, gate: EvaluationGate | None = None):
+    """A TorchTrainer running `train_loop_per_worker` for `method`; the caller has run
+    `validate_training` on `cfg` (before starting Ray, where it starts one).
 
-        return distill_datasets(cfg)
-    cols = ["row_id", "input_ids", "labels"]
-    return {"train": read_split(cfg.prepared_dir, "train", cols), "val": read_split(cfg.prepared_dir, "val", cols)}
-
-
-def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: dict | None = None):
-    """A TorchTrainer running `train_loop_per_worker` for `stage` ("finetune" or "distill"); the
-    caller has run `validate_training` on `cfg` (before starting Ray, where it starts one).
-
-    `gate` (tune trials under ASHA): {"trial_id", "rungs"}; the workers wait for Tune's decision
-    after the evaluations whose count is a rung (distillery/rung_gate.py)."""
+    `gate` (tune trials under ASHA): asked after every evaluation whether the trial stops
+    (tune/rung_gate.py)."""
     import ray.data
     from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from distillery.train.loop import train_loop_per_worker
 
     # The loop prints its own progress per step; Ray Data's per-operator bars would drown it.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -92,7 +76,7 @@ def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: 
     data_config = DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_yaml(), "stage": stage, "total_steps": steps, "gate": gate},
+        train_loop_config={"config": cfg.to_yaml(), "method": method, "total_steps": steps, "gate": gate},
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
@@ -106,7 +90,7 @@ def build_trainer(cfg: Config, stage: str, callbacks: list | None = None, gate: 
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             callbacks=callbacks or [],
         ),
-        datasets=training_datasets(cfg, stage),
+        datasets=method.datasets(cfg),
         dataset_config=data_config,
     )
 
@@ -115,14 +99,15 @@ def _count_rows(cfg: Config) -> int:
     return read_split(cfg.prepared_dir, "train", ["row_id"]).count()
 
 
-def run_training(cfg: Config, stage: str) -> int:
-    """Run a training stage to completion (or resume it) and write `run.json`; returns an exit code."""
-    validate_training(cfg, stage)
-    # Logical CPUs: one per worker plus room for the Ray Data tasks that feed them (ARCHITECTURE.md).
+def run_training(cfg: Config, method: TrainingMethod) -> int:
+    """Run `method` to completion (or resume it) and write `run.json`; returns an exit code."""
+    validate_training(cfg, method)
+    # Logical CPUs: one per worker plus room for the Ray Data tasks that feed them
+    # (docs/architecture.md, "Ray on small machines").
     started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
     t0 = time.time()
     try:
-        result = build_trainer(cfg, stage).fit()
+        result = build_trainer(cfg, method).fit()
     finally:
         if started:
             import ray
@@ -131,7 +116,7 @@ def run_training(cfg: Config, stage: str) -> int:
     out = Path(cfg.output_dir).resolve()
     metrics = dict(result.metrics or {})
     summary = {
-        "stage": stage,
+        "stage": method.name,
         "output_dir": str(out),
         "model": str(out / "model"),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
@@ -142,7 +127,7 @@ def run_training(cfg: Config, stage: str) -> int:
     tmp.write_text(json.dumps(summary, indent=2, default=str))
     os.replace(tmp, out / "run.json")
     print(
-        f"{stage}: finished in {summary['seconds']:.0f}s; val_loss {metrics.get('val_loss', float('nan')):.4f}; "
+        f"{method.name}: finished in {summary['seconds']:.0f}s; val_loss {metrics.get('val_loss', float('nan')):.4f}; "
         f"model {summary['model']}; metrics {out / 'metrics.jsonl'}",
         flush=True,
     )

@@ -18,7 +18,7 @@ i.e. over token t+1 given tokens ≤ t. Only positions with a target (labels[t+1
 stored; every other entry is an empty list (and tail 0.0), so prompts and the last position cost
 a few bytes. Ids are sorted by descending logprob, so the first k' of them are the top-k' for any
 k' ≤ top_k. Logprobs are log_softmax over the full vocabulary at temperature 1 (the loss tempers
-them, see `distillery.losses.SparseTeacher` for the renormalisation and its bias). float16 keeps
+them, see `distillery.distill.losses.SparseTeacher` for the renormalisation and its bias). float16 keeps
 them to about 3 significant digits (error < 0.008 nats for logprobs above -16); values below
 -65000 are clamped so none becomes -inf.
 
@@ -51,6 +51,7 @@ SPLIT_COL = "cache_split"  # which split a row belongs to while the splits are s
 IDS_COL = "teacher_topk_ids"
 LOGPROBS_COL = "teacher_topk_logprobs"
 TAIL_COL = "teacher_tail_logprob"
+CACHE_COLUMNS = [IDS_COL, LOGPROBS_COL, TAIL_COL]  # what a cached distillation batch adds to the prepared columns
 FP16_FLOOR = -65000.0  # float16 reaches -65504; keep stored logprobs finite
 
 
@@ -282,7 +283,7 @@ def load_cache_manifest(cache_dir: str) -> dict[str, Any]:
 def check_cache(cfg: Config) -> dict[str, Any]:
     """The cache manifest, after refusing a cache that does not belong to the prepared data
     (fingerprint), holds fewer than distill.top_k logprobs, or whose vocabulary is not the student's
-    (checked by the caller with `distillery.losses.check_vocab(manifest['vocab_size'], ...)`)."""
+    (checked by the caller with `distillery.distill.losses.check_vocab(manifest['vocab_size'], ...)`)."""
     manifest = load_cache_manifest(cfg.teacher_cache_dir)
     data_fp = load_manifest(cfg.prepared_dir).get("fingerprint")
     if manifest.get("fingerprint") != data_fp:

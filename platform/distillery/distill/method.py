@@ -1,0 +1,69 @@
+"""`distillery distill`: a frozen teacher teaches a smaller student on Ray Train.
+
+    distillery cache-teacher jobs/distill.yaml     # optional: run the teacher once (teacher_mode: cached)
+    distillery distill jobs/distill.yaml distill.loss=jsd distill.temperature=3
+
+The student trains with any `method.kind` (full, LoRA, freeze) in the same loop as finetune
+(train/loop.py); only the objective differs (distill/objective.py). In online mode the workers
+stream the prepared splits and run the teacher; in cached mode they stream the teacher cache
+(prepared columns plus the teacher's top-k) and never load the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from distillery.config import Config, ConfigError
+from distillery.distill.losses import check_vocab
+from distillery.distill.objective import DistillObjective, attn_implementation
+from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, read_cache
+from distillery.models.load import model_config
+from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
+from distillery.train.run import run_training
+
+
+class Distill:
+    """Teacher -> student distillation: the `TrainingMethod` of `distillery distill`."""
+
+    name = "distill"
+
+    def validate(self, cfg: Config) -> None:
+        validate_distill(cfg)
+
+    def datasets(self, cfg: Config) -> dict[str, Any]:
+        """Cached mode streams the teacher cache (prepared columns + top-k); online mode the prepared splits."""
+        if cfg.distill.teacher_mode == "cached":
+            return {split: read_cache(cfg, split).select_columns(TRAIN_COLUMNS + CACHE_COLUMNS) for split in ("train", "val")}
+        return prepared_datasets(cfg)
+
+    def build_objective(self, cfg: Config, tokenizer, model, device: torch.device) -> DistillObjective:
+        return DistillObjective(cfg, tokenizer, model, device)
+
+    def attn_implementation(self, cfg: Config) -> str | None:
+        return attn_implementation(cfg)
+
+
+DISTILL = Distill()
+
+
+def validate_distill(cfg: Config) -> None:
+    """Fail before Ray starts: teacher present, vocabularies equal, cache matches the data, and no
+    fine-tuning-only setting that distillation would ignore."""
+    ignored = [key for key, on in (("train.key_terms", bool(cfg.train.key_terms)), ("train.ewc.lambda", cfg.train.ewc.lam > 0)) if on]
+    if ignored:
+        raise ConfigError(f"{ignored[0]}: applies to `distillery finetune` only; distillation does not use it (unset it)")
+    student_vocab = model_config(cfg.model.path).vocab_size
+    if cfg.distill.teacher_mode == "cached":
+        manifest = check_cache(cfg)
+        check_vocab(int(manifest["vocab_size"]), student_vocab, teacher=f"teacher cache {cfg.teacher_cache_dir}", student=str(cfg.model.path))
+        return
+    if not cfg.model.teacher:
+        raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory)")
+    teacher_vocab = model_config(cfg.model.teacher).vocab_size
+    check_vocab(teacher_vocab, student_vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
+
+
+def run_distill(cfg: Config) -> int:
+    return run_training(cfg, DISTILL)

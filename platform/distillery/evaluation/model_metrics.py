@@ -1,0 +1,86 @@
+"""Numbers of a model rather than of its answers: size, parameters, val loss and agreement with the teacher."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from distillery.models.load import adapter_base, resolve_model_dir
+
+def size_on_disk(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in Path(model_dir).rglob("*") if p.is_file())
+
+
+def parameter_counts(model_dir: Path) -> tuple[int, int]:
+    """(total parameters of the model as served, trainable parameters of the run)."""
+    from safetensors import safe_open
+
+    def count(d: Path, pattern: str) -> int:
+        n = 0
+        for f in d.glob(pattern):
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    n += math.prod(st.get_slice(k).get_shape())
+        return n
+
+    base = adapter_base(model_dir)
+    if base is None:
+        total = count(model_dir, "*.safetensors")
+        return total, total
+    adapter = count(model_dir, "adapter_model.safetensors")
+    return count(resolve_model_dir(base), "*.safetensors") + adapter, adapter
+
+
+def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared: str, max_rows: int = 256) -> dict[str, float]:
+    """Val loss / perplexity on response tokens, and top-1 agreement and KL(teacher‖model) when a teacher is given."""
+    import pyarrow.parquet as pq
+    import torch
+    import torch.nn.functional as F
+
+    from distillery.data.splits import IGNORE_INDEX, split_dir
+    from distillery.models.load import load_causal_lm, load_tokenizer
+
+    d = split_dir(prepared, "val")
+    files = sorted(f for f in os.listdir(d) if f.endswith(".parquet")) if os.path.isdir(d) else []
+    if not files:
+        return {}
+    rows = []
+    for f in files:
+        rows.extend(pq.read_table(os.path.join(d, f), columns=["input_ids", "labels"]).to_pylist())
+        if len(rows) >= max_rows:
+            break
+    rows = rows[:max_rows]
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir).eval()
+    teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
+    nll = n_tok = agree = kl_sum = 0.0
+    with torch.no_grad():
+        for i in range(0, len(rows), 8):
+            batch = rows[i : i + 8]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[j, :n] = torch.tensor(r["input_ids"])
+                labels[j, :n] = torch.tensor(r["labels"])
+                mask[j, :n] = 1
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
+            target = labels[:, 1:]
+            sel = target != IGNORE_INDEX
+            nll += F.cross_entropy(logits[sel], target[sel], reduction="sum").item()
+            n_tok += sel.sum().item()
+            if teacher is not None:
+                t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[sel]
+                s_logits = logits[sel]
+                agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
+                t_logp, s_logp = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+                kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+    if n_tok == 0:
+        return {}
+    out = {"val_loss": nll / n_tok, "val_perplexity": math.exp(min(nll / n_tok, 50))}
+    if teacher is not None:
+        out.update(teacher_top1_agreement=agree / n_tok, teacher_kl=kl_sum / n_tok)
+    return out

@@ -1,0 +1,102 @@
+"""`distillery eval`: score models on checkable tasks and write a side-by-side report.
+
+    distillery eval CONFIG eval.models='[{path: runs/teacher}, {path: runs/kd}]' eval.dataset=corpus/test.jsonl
+
+Every model gets the same prompts and greedy decoding (vLLM, batched; Hugging Face `generate`
+where vLLM cannot load the model). Per model the report has: score per task, val loss and
+perplexity on the prepared val split, top-1 agreement and KL to the teacher, generation
+tokens/s and latency, parameter counts and size on disk. Outputs, in `eval.output`
+(default `<output_dir>/eval`): `report.md`, `metrics.json`, `examples.jsonl`, `scores.png`,
+`speed_quality.png`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from distillery.config import Config, ConfigError
+from distillery.evaluation.generation import generate, render_prompt
+from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples, score
+from distillery.evaluation.model_metrics import parameter_counts, size_on_disk, val_and_teacher_metrics
+from distillery.evaluation.report import model_name, render_report, write_plots
+from distillery.models.load import resolve_model_dir
+
+
+def run_eval(cfg: Config) -> int:
+    """Evaluate every `eval.models` entry and write the report; returns a process exit code."""
+    from distillery.models.load import load_tokenizer
+
+    ec = cfg.eval
+    if not ec.models:
+        raise ConfigError("eval.models: no models to evaluate")
+    model_dirs = []
+    for i, m in enumerate(ec.models):
+        try:
+            model_dirs.append(resolve_model_dir(m.path))
+        except FileNotFoundError as e:
+            raise ConfigError(f"eval.models.{i}.path: {e}") from None
+    teacher_path = ec.teacher or cfg.model.teacher
+    teacher_dir = resolve_model_dir(teacher_path) if teacher_path and os.path.exists(teacher_path) else None
+    tokenizer = load_tokenizer(model_dirs[0])
+    if ec.dataset:
+        if not os.path.isfile(ec.dataset):
+            raise ConfigError(f"eval.dataset: '{ec.dataset}' does not exist")
+        examples = load_jsonl_examples(ec.dataset)
+    else:
+        examples = load_prepared_examples(cfg.prepared_dir, ec.split, tokenizer)
+    if ec.max_examples:
+        examples = examples[: ec.max_examples]
+    tasks = sorted({e.task for e in examples})
+    labels_by_task: dict[str, list[str]] = collections.defaultdict(list)
+    for e in examples:
+        if e.reference not in labels_by_task[e.task]:
+            labels_by_task[e.task].append(e.reference)
+    out = Path(ec.output or os.path.join(cfg.output_dir, "eval"))
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"eval: {len(examples)} examples in {len(tasks)} task(s), {len(model_dirs)} model(s) -> {out}", flush=True)
+
+    results, example_rows = [], []
+    for m, model_dir in zip(ec.models, model_dirs):
+        name = model_name(m)
+        tok = load_tokenizer(model_dir)
+        prompts = [render_prompt(tok, e, ec.chat) for e in examples]
+        print(f"eval: generating with {name} ({model_dir})", flush=True)
+        gens = generate(model_dir, prompts, ec.max_new_tokens, ec.backend)
+        per_task: dict[str, list[float]] = collections.defaultdict(list)
+        for e, text, ids in zip(examples, gens.texts, gens.token_ids):
+            s = score(e.metric, text.strip(), e.reference, ec.labels or labels_by_task[e.task])
+            per_task[e.task].append(s)
+            example_rows.append({"model": name, "task": e.task, "metric": e.metric, "prompt": e.prompt, "reference": e.reference, "prediction": text, "output_token_ids": ids, "score": s})
+        scores = {t: sum(v) / len(v) for t, v in per_task.items()}
+        total, trainable = parameter_counts(model_dir)
+        r: dict[str, Any] = {
+            "name": name,
+            "path": str(model_dir),
+            "scores": scores,
+            "mean_score": sum(scores.values()) / len(scores),
+            "parameters": total,
+            "trainable_parameters": trainable,
+            "size_bytes": size_on_disk(model_dir),
+            "tokens_per_s": gens.output_tokens / gens.seconds if gens.seconds else 0.0,
+            "latency_p50_s": sorted(gens.latencies)[len(gens.latencies) // 2] if gens.latencies else None,
+            "backend": gens.backend,
+        }
+        is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
+        r.update(val_and_teacher_metrics(model_dir, None if is_teacher else teacher_dir, cfg.prepared_dir))
+        results.append(r)
+        print(f"eval: {name}: mean score {r['mean_score']:.3f}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
+
+    with open(out / "examples.jsonl", "w", encoding="utf-8") as f:
+        for row in example_rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps({"tasks": tasks, "examples": len(examples), "models": results}, indent=2, ensure_ascii=False))
+    write_plots(out, results, tasks)
+    report = render_report(results, tasks, len(examples))
+    (out / "report.md").write_text(report, encoding="utf-8")
+    print("\n" + report.split("\n![")[0])
+    print(f"eval: report {out / 'report.md'}")
+    return 0

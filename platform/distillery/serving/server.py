@@ -1,0 +1,84 @@
+"""The engine side of `distillery serve`: Ray's LLM server (one vLLM engine per replica) with
+local LoRA adapters and a context-length check. Runs inside the engine replicas, not the driver.
+"""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+
+from distillery import ray_compat as rc
+
+ADAPTERS_KEY = "distillery_adapters"  # LLMConfig.experimental_configs key: adapter name -> local dir
+MAX_LEN_KEY = "distillery_max_model_len"  # LLMConfig.experimental_configs key: context length in tokens
+
+
+class LocalAdapterLoader(rc.LoraModelLoader):
+    """Resolves `base:adapter` to a local PEFT directory (Ray's loader only reads cloud storage)."""
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> rc.DiskMultiplexConfig:
+        if lora_model_id in self.disk_cache:
+            return self.disk_cache[lora_model_id]
+        name = lora_model_id.split(":", 1)[1] if ":" in lora_model_id else ""
+        path = llm_config.experimental_configs.get(ADAPTERS_KEY, {}).get(name)
+        if path is None:
+            raise HTTPException(404, f"model '{lora_model_id}' does not exist")
+        disk = rc.DiskMultiplexConfig(model_id=lora_model_id, max_total_tokens=None, local_path=path,
+                                      lora_assigned_int_id=rc.global_id_manager.next())
+        self.disk_cache[lora_model_id] = disk
+        return disk
+
+
+class DistilleryLLMServer(rc.LLMServer):
+    """Ray's LLM server (the engine replica), plus local LoRA adapters and a context-length check.
+
+    vLLM silently shortens `max_tokens` when prompt + max_tokens exceed the context; a client
+    asking for more than fits gets a 400 here instead, before the request is scheduled.
+    """
+
+    async def __init__(self, llm_config, *, engine_cls=None, model_downloader=None):
+        await super().__init__(llm_config, engine_cls=engine_cls,
+                               model_downloader=model_downloader or LocalAdapterLoader)
+        self._tokenizer = None
+
+    def _prompt_tokens(self, request) -> int:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._llm_config.model_loading_config.model_source)
+        tok = self._tokenizer
+        messages = getattr(request, "messages", None)
+        if messages is not None:
+            plain = [m if isinstance(m, dict) else m.model_dump(exclude_none=True) for m in messages]
+            ids = tok.apply_chat_template(plain, add_generation_prompt=True, tokenize=True)
+            return len(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        prompt = request.prompt
+        prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
+        return max((len(p) if not isinstance(p, str) else len(tok(p)["input_ids"])) for p in prompts or [""])
+
+    def _context_error(self, request):
+        """An ErrorResponse (400) when prompt + max_tokens exceed the context, else None."""
+        limit = self._llm_config.experimental_configs.get(MAX_LEN_KEY)
+        wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
+        if not limit or not wanted:
+            return None
+        try:
+            n = self._prompt_tokens(request)
+        except Exception:  # noqa: BLE001 - an unusual prompt shape is left to vLLM's own checks
+            return None
+        if n + wanted <= limit:
+            return None
+        message = (f"prompt ({n} tokens) plus max_tokens ({wanted}) exceeds the model's context of {limit} "
+                   f"tokens; shorten the prompt or lower max_tokens")
+        return rc.ErrorResponse(error=rc.ErrorInfo(message=message, type="invalid_request_error", param="max_tokens", code=400))
+
+    async def chat(self, request, raw_request_info=None):
+        error = self._context_error(request)
+        return _once(error) if error else await super().chat(request, raw_request_info)
+
+    async def completions(self, request, raw_request_info=None):
+        error = self._context_error(request)
+        return _once(error) if error else await super().completions(request, raw_request_info)
+
+
+async def _once(item):
+    yield item

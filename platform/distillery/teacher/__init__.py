@@ -1,1 +1,0 @@
-"""Offline teacher cache: the teacher's top-k logprobs computed once (Ray Data batch inference), reused by every distillation run."""

@@ -1,0 +1,120 @@
+"""What a training run keeps on disk: its position (`TrainState`), sharded checkpoints, the
+metrics log, and the exported model (docs/architecture.md, "Run directory").
+
+Checkpoints go through torch.distributed.checkpoint (model + optimiser, sharded like the model),
+with the scheduler and data position (rank 0) and every rank's RNG beside them, so a replaced
+worker group or a re-run continues exactly where it stopped. Every file a reader may see is
+written to a temporary name first and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from distillery.config import Config
+from distillery.models.load import load_causal_lm, resolve_model_dir
+from distillery.models.plan import ParamPlan
+from distillery.train.parallel import unwrap
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved with every checkpoint."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0  # passes over the training shard started
+    micro_in_epoch: int = 0  # micro-batches consumed in the current epoch (the data position)
+    best_val: float = math.inf
+    bad_evals: int = 0  # evaluations since val loss last improved
+    evaluations: int = 0  # evaluations done (ASHA's time unit in tune trials)
+    last_val: dict | None = None
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, state: TrainState, rank: int) -> None:
+    """Sharded model + optimiser through DCP; scheduler, data position (rank 0) and RNG (every rank) beside it."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(directory, "dcp"))
+    save_file({"cpu": torch.get_rng_state()}, os.path.join(directory, f"rng_rank{rank}.safetensors"))
+    if rank == 0:
+        with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+            json.dump({**asdict(state), "scheduler": scheduler.state_dict()}, f, default=str)
+
+
+def load_checkpoint(directory: str, model, optimizer, scheduler, rank: int) -> TrainState:
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state_dict = {"model": msd, "optim": osd}
+    dcp.load(state_dict, checkpoint_id=os.path.join(directory, "dcp"))
+    set_state_dict(model, optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+    rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
+    if os.path.exists(rng):
+        torch.set_rng_state(load_file(rng)["cpu"])
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        saved = json.load(f)
+    scheduler.load_state_dict(saved.pop("scheduler"))
+    saved["best_val"] = float(saved["best_val"])
+    return TrainState(**saved)
+
+
+def export_model(model, tokenizer, cfg: Config, rank: int, plan: ParamPlan) -> None:
+    """Gather full weights (a collective) and let rank 0 write `<output_dir>/model` in HF format, atomically."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    out = os.path.join(cfg.output_dir, "model")
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    inner = unwrap(model)
+    inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    with open(os.path.join(tmp, "distillery_run.json"), "w") as f:
+        json.dump({"method": plan.kind, "parameters": plan.total, "trainable_parameters": plan.trainable}, f, indent=2)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    if plan.kind == "lora" and cfg.method.lora.merge:
+        from peft import PeftModel
+
+        base = load_causal_lm(resolve_model_dir(cfg.model.path), dtype="float32")
+        merged = PeftModel.from_pretrained(base, out).merge_and_unload()
+        mtmp, mout = os.path.join(cfg.output_dir, "merged.tmp"), os.path.join(cfg.output_dir, "merged")
+        shutil.rmtree(mtmp, ignore_errors=True)
+        merged.save_pretrained(mtmp, safe_serialization=True)
+        tokenizer.save_pretrained(mtmp)
+        shutil.rmtree(mout, ignore_errors=True)
+        os.replace(mtmp, mout)
+
+
+class MetricsLog:
+    """`<output_dir>/metrics.jsonl` (rank 0): one JSON line per step and per evaluation."""
+
+    def __init__(self, cfg: Config, rank: int, resume_step: int):
+        self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
+        self.enabled = rank == 0
+        if self.enabled and os.path.exists(self.path):
+            # Lines past the restored step came from an attempt that did not reach its next checkpoint.
+            with open(self.path) as f:
+                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

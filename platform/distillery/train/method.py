@@ -1,0 +1,48 @@
+"""The seam between the training loop and a training method (docs/architecture.md, "Training methods").
+
+`run_training`, `build_trainer`, every tune trial and the per-worker loop receive one
+`TrainingMethod` object and ask it the three things that differ between methods: what to check
+before Ray starts, which Ray Datasets to stream, and which objective computes a batch's loss.
+Everything else (model loading, parameter plan, wrapping, optimiser, checkpoints, export) is the
+same loop for every method. A new method (on-policy distillation, DPO, ...) is one more class
+with these members, not a branch on a stage name in generic code.
+
+Methods are module-level singletons (`FINETUNE` in train/finetune.py, `DISTILL` in
+distill/method.py): they hold no state and reach the Ray Train workers pickled by reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+
+from distillery.config import Config
+from distillery.data.splits import read_split
+from distillery.train.objective import Objective
+
+TRAIN_COLUMNS = ["row_id", "input_ids", "labels"]
+
+
+class TrainingMethod(Protocol):
+    """One training method: finetune, distill, ..."""
+
+    name: str
+    """Its stage name: progress lines, `run.json` and the CLI command say it."""
+
+    def validate(self, cfg: Config) -> None:
+        """Method-specific checks that need no Ray (teacher present, cache matches, ...); raise ConfigError."""
+
+    def datasets(self, cfg: Config) -> dict[str, Any]:
+        """The Ray Datasets the workers stream: {"train": ..., "val": ...}, with the objective's columns."""
+
+    def build_objective(self, cfg: Config, tokenizer, model, device: torch.device) -> Objective:
+        """The objective, built on each worker after the parameter plan and before the model is wrapped."""
+
+    def attn_implementation(self, cfg: Config) -> str | None:
+        """The transformers attention kernel the student loads with (None: the library's default)."""
+
+
+def prepared_datasets(cfg: Config, columns: list[str] = TRAIN_COLUMNS) -> dict[str, Any]:
+    """The prepared train and val splits (`data.prepared`), streamed with `columns`."""
+    return {split: read_split(cfg.prepared_dir, split, columns) for split in ("train", "val")}
