@@ -5,7 +5,7 @@ overridden from the command line (`train.lr=3e-5 data.sources.0.weight=0.7`) and
 before Ray starts, so that a typo fails in a second, naming the key and the file, rather
 than an hour into a cluster job.
 
-Nothing in here imports another part of the package (see ARCHITECTURE.md: imports point one way).
+Nothing in here imports another part of the package (docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: `auto` is bf16 on GPU and fp32 on CPU (faster there)."
     )
-    attn_implementation: str | None = Field(None, description="transformers attention kernel (e.g. `sdpa`, `eager`); default is the library's.")
+    attn_implementation: str | None = Field(None, description="transformers attention kernel the student (and an online teacher) load with, e.g. `sdpa`, `eager`; default is the library's. Attention-map distillation always uses `eager`.")
 
 
 class LoraConfig(Section):

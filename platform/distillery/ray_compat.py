@@ -139,15 +139,20 @@ def __getattr__(name: str) -> Any:
 
 
 # --------------------------------------------------------------------------- private hooks of the ingress
-# DistilleryIngress (serving/ingress.py) overrides three private methods of OpenAiIngress; they are
-# the only hooks where its behaviour can be changed, and their names are listed here so that a Ray
-# upgrade checks them (tests/e2e/test_serve_e2e.py exercises each):
-#   _set_asgi_app(app)           Serve hands the replica its FastAPI app: wrapped there with the
-#                                API-key guard and the 400 handler. Replacement: ASGI middleware
-#                                in `ingress_deployment_config`.
+# DistilleryIngress (serving/ingress.py) overrides three private methods; they are the only hooks
+# where its behaviour can be changed. Each is listed with the Ray class that defines it, so a Ray
+# upgrade that renames one fails tests/unit/test_serving_plan.py, not production:
+#   _set_asgi_app(app)           Serve's ASGI wrapper (added by `serve.ingress` inside
+#                                `build_openai_app`) hands the replica its FastAPI app: wrapped there
+#                                with the API-key guard and the 400 handler. Replacement: ASGI
+#                                middleware in `ingress_deployment_config`.
 #   _get_model_id(model)         model-name resolution: 404 for unknown models and adapters before
 #                                any engine replica. Replacement: a model-resolution hook.
 #   _process_llm_request(...)    every LLM route: back-pressure and HTTP errors become OpenAI-format
 #                                answers. Replacement: exception handlers on the ingress app.
 # DistilleryLLMServer reads `self._llm_config` (the replica's LLMConfig, no public accessor).
-INGRESS_PRIVATE_HOOKS = ("_set_asgi_app", "_get_model_id", "_process_llm_request")
+INGRESS_PRIVATE_HOOKS: dict[str, tuple[str, str]] = {
+    "_set_asgi_app": ("ray.serve._private.http_util", "ASGIAppReplicaWrapper"),
+    "_get_model_id": _LLM_INTERNALS["OpenAiIngress"],
+    "_process_llm_request": _LLM_INTERNALS["OpenAiIngress"],
+}

@@ -128,3 +128,22 @@ def test_api_key_guard_compares_digests():
     asyncio.run(run([]))
     assert calls == [1]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401, 401]
+
+
+def test_private_ingress_hooks_still_exist_in_ray():
+    """The private Ray methods DistilleryIngress overrides (ray_compat.INGRESS_PRIVATE_HOOKS) exist
+    on the Ray classes that define them, and the subclass overrides no other private Ray method:
+    a Ray upgrade that renames one fails here, not in production."""
+    import importlib
+
+    from distillery import ray_compat as rc
+    from distillery.serving.ingress import DistilleryIngress
+
+    owners = {}
+    for name, (module, cls) in rc.INGRESS_PRIVATE_HOOKS.items():
+        owners[name] = getattr(importlib.import_module(module), cls)
+        assert callable(getattr(owners[name], name, None)), f"{module}.{cls}.{name}"
+    ray_classes = {c for c in owners.values()} | {rc.OpenAiIngress}
+    overridden = {n for n in vars(DistilleryIngress) if n.startswith("_") and not n.startswith("__")
+                  and any(callable(getattr(c, n, None)) for c in ray_classes)}
+    assert overridden == set(rc.INGRESS_PRIVATE_HOOKS)

@@ -251,3 +251,15 @@ def test_ewc_penalty_is_zero_at_anchor_and_grows_away(tiny_student, tmp_path):
     ewc.save(str(tmp_path / "ewc.safetensors"))
     again = EwcPenalty.load(2.0, str(tmp_path / "ewc.safetensors"))
     assert again.penalty(model).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_attention_kernel_follows_the_config_and_attention_distillation():
+    """`model.attn_implementation` reaches the student's loader; attention-map distillation forces eager."""
+    from distillery.distill.method import DISTILL
+    from distillery.train.finetune import FINETUNE
+
+    assert FINETUNE.attn_implementation(load_config()) is None
+    assert FINETUNE.attn_implementation(load_config(overrides=["model.attn_implementation=sdpa"])) == "sdpa"
+    assert DISTILL.attn_implementation(load_config(overrides=["model.attn_implementation=sdpa"])) == "sdpa"
+    attn = load_config(overrides=["model.attn_implementation=sdpa", "distill.hidden={weight: 1.0, attention_weight: 0.5}"])
+    assert DISTILL.attn_implementation(attn) == "eager"

@@ -44,7 +44,8 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
-from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, split_dir
+from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
+from distillery.runtime import ensure_ray
 
 CACHE_MANIFEST = "cache_manifest.json"
 SPLIT_COL = "cache_split"  # which split a row belongs to while the splits are scored together; not stored
@@ -417,18 +418,14 @@ def run_cache_teacher(cfg: Config) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"cache-teacher: {backend} backend, teacher {teacher}, top_k {top_k}, {cfg.distill.cache_dtype}, splits {splits} -> {cache_dir}", flush=True)
 
-    started_ray = False
-    if not ray.is_initialized():
-        # Each teacher actor holds 1 logical CPU; the read and write tasks need CPUs the actors do
-        # not hold, or the pipeline waits forever for resources (ARCHITECTURE.md, 2-core traps).
-        ray.init(num_cpus=cfg.distill.cache_actors + 2, include_dashboard=False, log_to_driver=False)
-        started_ray = True
+    # Each teacher actor holds 1 logical CPU; the read and write tasks need CPUs the actors do not
+    # hold, or the pipeline waits forever for resources (docs/architecture.md, "Ray on small machines").
+    # Inside `ray job submit` this joins the job's cluster, which has its own size.
+    started_ray = ensure_ray(num_cpus=cfg.distill.cache_actors + 2, log_to_driver=False)
     threads = max(1, (os.cpu_count() or 1) // cfg.distill.cache_actors)
     per_split: dict[str, dict[str, Any]] = {}
     t0 = time.time()
     try:
-        from distillery.data.splits import read_split
-
         # One dataset over every split, so the teacher (a vLLM engine takes about a minute to
         # start) is loaded once; the split travels as a hive partition column.
         ds = None

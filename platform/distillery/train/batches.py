@@ -24,9 +24,10 @@ def shard_batches(shard, batch_size: int, columns: list[str]) -> Iterator[dict[s
     """The shard's rows in order, as numpy batches of `batch_size` (the last one may be shorter).
 
     Pulls about FETCH_ROWS rows per `iter_batches` batch and slices them here: each Ray Data batch
-    has a fixed cost (block fetch, Arrow -> numpy) that, at micro-batches of 8 rows, took 15-20% of
-    a small model's training time. The micro-batches are the same as `iter_batches(batch_size)`'s.
-    """
+    has a fixed cost (block fetch, Arrow -> numpy) that is large next to a small model's step at
+    micro-batches of a few rows (benchmarks/README.md, "Where a training step's time goes").
+    The micro-batches are the same as `iter_batches(batch_size)`'s.
+"""
     fetch = batch_size * max(1, FETCH_ROWS // batch_size)
     for big in shard.iter_batches(batch_size=fetch, batch_format="numpy"):
         cols = {k: big[k] for k in columns if k in big}
