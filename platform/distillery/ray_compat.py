@@ -76,7 +76,11 @@ def orphaned_placement_groups() -> list[Any]:
 # Covered by tests/integration/test_prepare.py (test_driver_drops_only_known_noise).
 
 NOISE = (
+    # Ray Train's placement-group cleaner, about once a second (above).
     "Failed to query Ray Train Controller actor state. State API may be temporarily unavailable",
+    # Ray Train's echo of every `ray.train.report` as one long dict: the loop's own progress line
+    # says the same, and metrics.jsonl has every value.
+    "Reporting training result ",
 )
 
 

@@ -52,3 +52,20 @@ def test_bad_spaces_fail_naming_the_key(base, space, message):
 def test_shipped_tuning_space_validates(repo_root):
     cfg = load_config(repo_root / "tuning" / "kd_search.yaml", ["method.kind=lora"])
     assert validate_search_space(cfg, cfg.tune.search_space)
+
+
+def test_trials_read_the_users_data_not_their_own_output_dir(tmp_path, monkeypatch):
+    """A trial's own output_dir must not move the prepared data or the teacher cache it reads:
+    both are fixed (absolute) from the config the user gave before the trials start."""
+    from distillery.tune.search import trial_base
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "student").mkdir(parents=True)
+    base = trial_base(load_config(overrides=["output_dir=runs/x", "model.path=models/student", "model.teacher=org/hub-id"]))
+    trial = with_values(base, {"output_dir": str(tmp_path / "runs/x/tune/trials/t1")})
+    assert trial.prepared_dir == str(tmp_path / "runs/x/data")
+    assert trial.teacher_cache_dir == str(tmp_path / "runs/x/data/teacher_cache")
+    assert trial.model.path == str(tmp_path / "models/student")
+    assert trial.model.teacher == "org/hub-id"  # not a local path: left as given
+    explicit = trial_base(load_config(overrides=["data.prepared=/data/p", "distill.cache=/data/c"]))
+    assert (explicit.prepared_dir, explicit.teacher_cache_dir) == ("/data/p", "/data/c")

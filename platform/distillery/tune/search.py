@@ -64,6 +64,23 @@ def asha_rungs(cfg: Config) -> list[int]:
     return rung_evaluations(asha_grace_period(cfg), cfg.tune.reduction_factor, reports_per_trial(cfg))
 
 
+def trial_base(cfg: Config) -> Config:
+    """The config every trial starts from. Paths that default from `output_dir` (the prepared data,
+    the teacher cache) are fixed to the ones the user's config names: each trial has its own
+    `output_dir`, and would otherwise look for the data under it. Local relative paths become
+    absolute, since Tune runs each trial in its own working directory."""
+    def absolute(path: str | None, only_existing: bool = False) -> str | None:
+        # A model path that does not exist locally may be a hub id: left as it is.
+        if not path or "://" in path or (only_existing and not os.path.exists(path)):
+            return path
+        return os.path.abspath(path)
+
+    return with_values(cfg, {
+        "data.prepared": absolute(cfg.prepared_dir), "distill.cache": absolute(cfg.teacher_cache_dir),
+        "model.path": absolute(cfg.model.path, True), "model.teacher": absolute(cfg.model.teacher, True),
+    })
+
+
 def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     """One Tune trial: the base config with `params` applied, trained by Ray Train, reported to Tune."""
     from ray import tune
@@ -96,7 +113,7 @@ def build_tuner(cfg: Config):
 
     checked = validate_search_space(cfg, cfg.tune.search_space)
     out = tune_dir(cfg)
-    trainable = tune.with_parameters(_trial, base_yaml=cfg.to_yaml(), trials_root=str(out / "trials"))
+    trainable = tune.with_parameters(_trial, base_yaml=trial_base(cfg).to_yaml(), trials_root=str(out / "trials"))
     # The trial function only drives a TorchTrainer; the training workers hold the CPUs. Tune refuses
     # an empty request, so the driver asks for a sliver of one CPU rather than a whole one.
     trainable = tune.with_resources(trainable, {"cpu": 0.01})
