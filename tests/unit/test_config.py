@@ -179,3 +179,28 @@ def test_apply_override_creates_sections():
     apply_override(tree, *parse_override("train.ewc.lambda=0.1"))
     assert tree == {"train": {"ewc": {"lambda": 0.1}}}
     assert Config.model_validate(tree).train.ewc.lam == 0.1
+
+
+@pytest.mark.parametrize("override, words", [
+    ("distill.temperature_schedule={kind: linear, end: 0}", "temperature_schedule.end must be above 0"),
+    ("distill.temperature_schedule={kind: linear, end: -1.5}", "temperature_schedule.end must be above 0"),
+    ("distill.alpha_schedule={kind: linear, end: 1.2}", "alpha_schedule.end must be in [0, 1]"),
+    ("distill.alpha_schedule={kind: cosine, end: -0.1}", "alpha_schedule.end must be in [0, 1]"),
+    ("distill.alpha=1.5", "distill.alpha"),
+    ("data.window={size: 64, stride: 65}", "stride (65) must be at most size (64)"),
+    ("data.min_length=600", "min_length (600) is above max_length (512)"),
+    ("serve.autoscaling={min_replicas: 3, max_replicas: 2}", "min_replicas (3) is above max_replicas (2)"),
+    ("serve.api_key_file=/k", "api_key_env or api_key_file, not both"),
+])
+def test_ranges_that_break_runs_later_fail_at_load(override, words):
+    extra = ["serve.api_key_env=KEY"] if "api_key_file" in override else []
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override, *extra])
+    assert words in str(e.value)
+
+
+def test_edge_values_of_the_ranges_load():
+    cfg = load_config(overrides=["distill.temperature_schedule={kind: linear, end: 0.5}", "distill.alpha_schedule={kind: linear, end: 0}",
+                                 "data.window={size: 64, stride: 64}", "data.min_length=512",
+                                 "serve.autoscaling={min_replicas: 2, max_replicas: 2}"])
+    assert cfg.distill.alpha_schedule.end == 0 and cfg.data.window.stride == 64

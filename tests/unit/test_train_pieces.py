@@ -263,3 +263,17 @@ def test_attention_kernel_follows_the_config_and_attention_distillation():
     assert DISTILL.attn_implementation(load_config(overrides=["model.attn_implementation=sdpa"])) == "sdpa"
     attn = load_config(overrides=["model.attn_implementation=sdpa", "distill.hidden={weight: 1.0, attention_weight: 0.5}"])
     assert DISTILL.attn_implementation(attn) == "eager"
+
+
+def test_top_k_above_the_vocabulary_fails_before_ray(tmp_path, prepared_tiny, tiny_teacher):
+    """distill.top_k larger than the teacher's vocabulary would pad every cached position with
+    made-up entries; cache-teacher refuses it before Ray starts."""
+    import ray
+
+    from distillery.distill.teacher_cache import TeacherCacheError, run_cache_teacher
+
+    cfg = load_config(overrides=[f"data.prepared={prepared_tiny}", f"model.teacher={tiny_teacher}", "distill.top_k=513",
+                                 f"distill.cache={tmp_path / 'cache'}"])
+    with pytest.raises(TeacherCacheError, match=r"distill.top_k: 513 is above the vocabulary .* \(512\)"):
+        run_cache_teacher(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "cache").exists()

@@ -18,7 +18,7 @@ import torch
 from distillery.config import Config, ConfigError
 from distillery.distill.losses import check_vocab
 from distillery.distill.objective import DistillObjective, attn_implementation
-from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, read_cache
+from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, read_cache
 from distillery.models.load import model_config
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
@@ -57,6 +57,7 @@ def validate_distill(cfg: Config) -> None:
     student_vocab = model_config(cfg.model.path).vocab_size
     if cfg.distill.teacher_mode == "cached":
         manifest = check_cache(cfg)
+        check_top_k(cfg.distill.top_k, int(manifest["vocab_size"]), str(manifest.get("teacher", {}).get("path", cfg.teacher_cache_dir)))
         check_vocab(int(manifest["vocab_size"]), student_vocab, teacher=f"teacher cache {cfg.teacher_cache_dir}", student=str(cfg.model.path))
         return
     if not cfg.model.teacher:

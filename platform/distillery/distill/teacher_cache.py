@@ -281,6 +281,13 @@ def load_cache_manifest(cache_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
+def check_top_k(top_k: int, vocab: int, teacher: str) -> None:
+    """`distill.top_k` can keep at most the whole vocabulary: more would pad every position with
+    made-up entries (id 0 at probability 1)."""
+    if top_k > vocab:
+        raise TeacherCacheError(f"distill.top_k: {top_k} is above the vocabulary of the teacher '{teacher}' ({vocab}); set at most {vocab}")
+
+
 def check_cache(cfg: Config) -> dict[str, Any]:
     """The cache manifest, after refusing a cache that does not belong to the prepared data
     (fingerprint), holds fewer than distill.top_k logprobs, or whose vocabulary is not the student's
@@ -412,7 +419,8 @@ def run_cache_teacher(cfg: Config) -> int:
     assert teacher is not None  # check_paths guarantees it
     identity = teacher_identity(teacher)
     vocab = teacher_vocab_size(teacher)
-    top_k = min(cfg.distill.top_k, vocab)
+    check_top_k(cfg.distill.top_k, vocab, teacher)
+    top_k = cfg.distill.top_k
     cache_dir = cfg.teacher_cache_dir.rstrip("/")
     tmp = f"{cache_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -161,7 +161,7 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         "autoscaling_config": {
             "min_replicas": a.min_replicas,
             "initial_replicas": max(a.min_replicas, 1),
-            "max_replicas": max(a.max_replicas, a.min_replicas),
+            "max_replicas": a.max_replicas,
             "target_ongoing_requests": a.target_ongoing_requests,
         },
     }
