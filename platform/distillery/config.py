@@ -253,6 +253,9 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (null: at the end only).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: unlimited).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without val-loss improvement.")
+    max_nonfinite_steps: int = Field(
+        3, ge=1, description="Consecutive steps with a non-finite loss or gradient norm (each skipped: no update) before the run stops with an error; nothing is exported then."
+    )
     key_terms: list[str] = Field(default_factory=list, description="Terms whose tokens get `key_term_weight` in the cross-entropy.")
     key_term_weight: float = Field(1.5, gt=0, description="Loss weight of key-term tokens.")
     ewc: EwcConfig = Field(default_factory=EwcConfig, description="Elastic weight consolidation against forgetting a previous task.")

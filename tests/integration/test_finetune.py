@@ -218,3 +218,20 @@ def test_stopped_driver_resumes_on_rerun(tmp_path, prepared_tiny, tiny_teacher):
     assert resumed and int(resumed.group(1)) in (4, 8, 12, 16, 20), second.stdout[-2000:]
     _check_trace(run, 24)
     assert (run / "model" / "model.safetensors").exists()
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops_without_export(tmp_path, prepared_tiny, tiny_student):
+    """An lr so large that the first update overflows the weights: every later loss is non-finite.
+    Those steps are skipped (the weights keep their last finite values), and after
+    train.max_nonfinite_steps in a row the run fails with a message saying so; no model is exported."""
+    run = tmp_path / "nan"
+    cfg = _cfg(run, prepared_tiny, tiny_student, "train.lr=1e30", "train.num_workers=1", "train.strategy=none",
+               "train.max_steps=8", "train.eval_every=8", "train.max_nonfinite_steps=2", "train.max_grad_norm=null")
+    with pytest.raises(Exception, match="non-finite loss") as e:
+        run_finetune(cfg)
+    assert "2 steps in a row (train.max_nonfinite_steps 2)" in str(e.value)
+    assert not (run / "model").exists()
+    steps = [m for m in _metrics(run) if "loss" in m]
+    skipped = [m["step"] for m in steps if m.get("skipped")]
+    assert steps[0]["step"] == 1 and not steps[0].get("skipped")  # the finite first step was taken
+    assert skipped == [2, 3] and len(steps) == 3

@@ -33,6 +33,7 @@ class TrainState:
     best_val: float = math.inf
     bad_evals: int = 0  # evaluations since val loss last improved
     evaluations: int = 0  # evaluations done (ASHA's time unit in tune trials)
+    nonfinite_in_row: int = 0  # latest consecutive steps skipped for a non-finite loss or gradient norm
     last_val: dict | None = None
 
 

@@ -210,15 +210,39 @@ class Worker:
         sync_extra_grads(self.extra, self.world)
         grad_norm = clip_grads(self.params, cfg.train.max_grad_norm)
         clip_grads(self.extra, cfg.train.max_grad_norm)
-        self.optimizer.step()
+        loss = loss_sum / accum
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        # One all-reduce per step carries the metrics and whether any worker saw a non-finite value,
+        # so every worker skips (or takes) the same steps.
+        sums = all_reduce_sums({"loss": loss, "tokens": tokens, "nonfinite": float(not finite), **step_metrics}, self.device)
+        skipped = sums.pop("nonfinite") > 0
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)  # no update from this step: the weights stay finite
+            state.nonfinite_in_row += 1
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_in_row = 0
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        return self._record(loss_sum / accum, tokens, grad_norm, step_metrics)
+        record = self._record(sums, grad_norm, skipped)
+        if skipped:
+            self._check_nonfinite(sums["loss"] / self.world, grad_norm)
+        return record
 
-    def _record(self, loss: float, tokens: float, grad_norm: float, step_metrics: dict[str, float]) -> dict[str, Any]:
-        """The step's metrics averaged over workers, written to metrics.jsonl and printed now and then."""
-        sums = all_reduce_sums({"loss": loss, "tokens": tokens, **step_metrics}, self.device)
+    def _check_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Say that a step was skipped; stop the run (nothing exported) after `max_nonfinite_steps` in a row."""
+        n, limit = self.state.nonfinite_in_row, self.cfg.train.max_nonfinite_steps
+        message = f"step {self.state.step}: non-finite loss ({loss}) or gradient norm ({grad_norm})"
+        if n >= limit:
+            raise FloatingPointError(
+                f"{message}, {n} steps in a row (train.max_nonfinite_steps {limit}): the run stops and exports nothing. "
+                f"Lower train.lr, check the data and loss settings, or resume from the last checkpoint."
+            )
+        self.say(f"{message}: step skipped, no update ({n} of {limit} in a row)")
+
+    def _record(self, sums: dict[str, float], grad_norm: float, skipped: bool) -> dict[str, Any]:
+        """The step's all-reduced metrics, averaged over workers, written to metrics.jsonl and printed now and then."""
         self.tokens_since += sums["tokens"]
         now = time.perf_counter()
         record = {
@@ -230,6 +254,7 @@ class Worker:
             "grad_norm": grad_norm,
             "tokens_per_s": self.tokens_since / max(now - self.t_last, 1e-9),
             **{k: v / self.world for k, v in sums.items() if k not in ("loss", "tokens")},
+            **({"skipped": 1} if skipped else {}),
         }
         self.t_last, self.tokens_since = now, 0.0
         self.log.write(record)
