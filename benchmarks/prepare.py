@@ -82,7 +82,7 @@ def plain_loop(cfg) -> dict:
     from distillery.data import dedupe as dd
     from distillery.data.mix import keep_rates, unit_hash
     from distillery.data.normalize import content_text, normalize_fields, render, to_messages
-    from distillery.data.prepare import _row_id, _schema
+    from distillery.data.shared import row_id, row_schema
     from distillery.data.tokenize import encode_batch, load_tokenizer_cached, truncate
     from distillery.data.validate import Invalid, validate
 
@@ -127,7 +127,7 @@ def plain_loop(cfg) -> dict:
                     continue
                 messages = to_messages(fields, s.format)
                 prompt, response = render(messages, fields.get("text"), tok, data.chat_template)
-                pending.append({"row_id": _row_id(prompt, response), "source": s.display_name, "prompt": prompt,
+                pending.append({"row_id": row_id(prompt, response), "source": s.display_name, "prompt": prompt,
                                 "response": response, "content": content_text(messages, fields.get("text")),
                                 "augment": "", "label": None, "metadata": None})
                 if len(pending) >= 1024:
@@ -147,7 +147,7 @@ def plain_loop(cfg) -> dict:
     out = Path(cfg.prepared_dir)
     for name, rows in splits.items():
         (out / name).mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(False)), out / name / "part-0.parquet")
+        pq.write_table(pa.Table.from_pylist(rows, schema=row_schema(False)), out / name / "part-0.parquet")
     return {"read": read, "written": sum(len(v) for v in splits.values()), "quarantine": dict(quarantine)}
 
 

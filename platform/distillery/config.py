@@ -251,6 +251,7 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: no clipping).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate on val every N steps (null: at the end only).")
     checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (null: at the end only).")
+    keep_checkpoints: int | None = Field(2, ge=1, description="Most recent checkpoints kept on disk; older ones are deleted (null: keep all).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: unlimited).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without val-loss improvement.")
     max_nonfinite_steps: int = Field(

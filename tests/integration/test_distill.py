@@ -228,6 +228,9 @@ def test_lora_student_from_cache_resumes_after_killed_worker(tmp_path, prepared_
     assert summary["stage"] == "distill" and summary["metrics"].get("finished") == 1, summary
     assert summary["metrics"]["step"] == total
     assert (run / "model" / "adapter_config.json").exists()
+    # Checkpoints at 4, 8 and the final one (plus any before the kill): only train.keep_checkpoints (2) stay.
+    kept = sorted(p for p in (run / "ray" / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(kept) == 2, kept
 
 
 def test_vocabulary_mismatch_and_stale_cache_fail_before_training(tmp_path, prepared_tiny, tiny_student, cache_dir, demo_corpus):

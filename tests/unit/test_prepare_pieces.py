@@ -151,7 +151,7 @@ def test_truncate_windows_and_pack_keep_prompt_masked():
 def test_split_summary_digest_does_not_depend_on_batching():
     import pyarrow as pa
 
-    from distillery.data.prepare import split_summary
+    from distillery.data.finalize import split_summary
 
     rows = [{"split": "train" if i % 3 else "val", "source": "s", "row_id": f"r{i}", "input_ids": [i, i + 1],
              "labels": [-100, i + 1], "augment": ""} for i in range(50)]

@@ -277,3 +277,17 @@ def test_top_k_above_the_vocabulary_fails_before_ray(tmp_path, prepared_tiny, ti
     with pytest.raises(TeacherCacheError, match=r"distill.top_k: 513 is above the vocabulary .* \(512\)"):
         run_cache_teacher(cfg)
     assert not ray.is_initialized() and not (tmp_path / "cache").exists()
+
+
+def test_metrics_log_survives_a_truncated_last_line(tmp_path):
+    """A kill or a full disk can cut metrics.jsonl mid-line; resuming keeps every whole record up to
+    the restored step and drops the broken tail instead of crashing."""
+    from distillery.train.checkpoint import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    cfg = load_config(overrides=[f"output_dir={tmp_path}"])
+    log = MetricsLog(cfg, rank=0, resume_step=2)
+    assert read_metrics(str(path)) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    log.write({"step": 3, "loss": 1.1})
+    assert [r["step"] for r in read_metrics(str(path))] == [1, 2, 3]

@@ -64,8 +64,9 @@ def read_parquet(paths: str | list[str], **kwargs):
     """`ray.data.read_parquet` through Ray Data's V1 Parquet datasource, for the directories this
     platform writes (tens of files, not millions). The V2 datasource, Ray 2.60's default, lists the
     files in a task that starts a pool of 32 `FooterReader` actors (32 new worker processes) on
-    every execution, so every epoch: ~10 s for a small split on a 2-core machine, against ~0.4 s
-    for V1, which reads the few footers where the dataset is planned."""
+    every execution, so every epoch, which dwarfs reading a small split on a small machine; V1 reads
+    the few footers where the dataset is planned (benchmarks/README.md, "Where a training step's
+    time goes")."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

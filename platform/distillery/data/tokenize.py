@@ -24,7 +24,7 @@ def load_tokenizer_cached(path: str):
 def token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
     """`tokenizer(texts, add_special_tokens=False)["input_ids"]`, straight from the Rust tokenizer
     when the tokenizer class adds nothing around it (then the ids are the same, without building
-    offsets, attention masks and a BatchEncoding per row: about a third of the time)."""
+    offsets, attention masks and a BatchEncoding per row: benchmarks/README.md, "Prepare")."""
     if _plain_backend(tokenizer):
         return [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -102,6 +102,21 @@ def export_model(model, tokenizer, cfg: Config, rank: int, plan: ParamPlan) -> N
         os.replace(mtmp, mout)
 
 
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that does not parse (the last one cut short by a full
+    disk or a kill) is skipped, not fatal: every earlier record is still good."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
 class MetricsLog:
     """`<output_dir>/metrics.jsonl` (rank 0): one JSON line per step and per evaluation."""
 
@@ -109,13 +124,14 @@ class MetricsLog:
         self.path = os.path.join(cfg.output_dir, "metrics.jsonl")
         self.enabled = rank == 0
         if self.enabled and os.path.exists(self.path):
-            # Lines past the restored step came from an attempt that did not reach its next checkpoint.
-            with open(self.path) as f:
-                kept = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= resume_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            # Records past the restored step came from an attempt that did not reach its next checkpoint.
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")

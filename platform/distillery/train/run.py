@@ -60,7 +60,7 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
     `gate` (tune trials under ASHA): asked after every evaluation whether the trial stops
     (tune/rung_gate.py)."""
     import ray.data
-    from ray.train import DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # The loop prints its own progress per step; Ray Data's per-operator bars would drown it.
@@ -88,6 +88,7 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
             storage_path=str(out / "ray"),
             name="train",
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or [],
         ),
         datasets=method.datasets(cfg),
