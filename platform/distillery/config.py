@@ -252,6 +252,9 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Evaluate on val every N steps (null: at the end only).")
     checkpoint_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (null: at the end only).")
     keep_checkpoints: int | None = Field(2, ge=1, description="Most recent checkpoints kept on disk; older ones are deleted (null: keep all).")
+    resume: Literal["auto", "fresh", "force"] = Field(
+        "auto", description="With checkpoints in output_dir: `auto` resumes only the same run (stage, data, models, settings; else an error says what changed), `fresh` deletes that run's checkpoints, metrics and model and starts over, `force` resumes whatever changed."
+    )
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may make (-1: unlimited).")
     early_stopping_patience: int | None = Field(None, ge=1, description="Stop after this many evaluations without val-loss improvement.")
     max_nonfinite_steps: int = Field(

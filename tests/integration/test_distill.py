@@ -233,7 +233,7 @@ def test_lora_student_from_cache_resumes_after_killed_worker(tmp_path, prepared_
     assert len(kept) == 2, kept
 
 
-def test_vocabulary_mismatch_and_stale_cache_fail_before_training(tmp_path, prepared_tiny, tiny_student, cache_dir, demo_corpus):
+def test_vocabulary_mismatch_and_stale_cache_fail_before_training(tmp_path, prepared_tiny, tiny_student, tiny_teacher, cache_dir, demo_corpus):
     other = tmp_path / "other-vocab"
     init_model(other, ArchSpec(layers=1, hidden=32, heads=1, intermediate=64), corpus=[str(demo_corpus["train"])], vocab_size=300)
     cfg = load_config(overrides=[f"model.path={other}", f"model.teacher={tiny_student}", f"data.prepared={prepared_tiny}"])
@@ -254,4 +254,9 @@ def test_vocabulary_mismatch_and_stale_cache_fail_before_training(tmp_path, prep
     cfg = load_config(overrides=[f"model.path={tiny_student}", f"data.prepared={prepared_tiny}", f"distill.cache={stale}",
                                  "distill.teacher_mode=cached"])
     with pytest.raises(ConfigError, match="stale teacher cache"):
+        validate_distill(cfg)
+    # A cache built by one teacher is refused for another (here the untrained one it started from).
+    cfg = load_config(overrides=[f"model.path={tiny_student}", f"data.prepared={prepared_tiny}", f"distill.cache={cache_dir}",
+                                 "distill.teacher_mode=cached", f"model.teacher={tiny_teacher}", f"distill.top_k={sizes[1]}"])
+    with pytest.raises(ConfigError, match="was built by the teacher at .* not by model.teacher"):
         validate_distill(cfg)

@@ -291,3 +291,30 @@ def test_metrics_log_survives_a_truncated_last_line(tmp_path):
     assert read_metrics(str(path)) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     log.write({"step": 3, "loss": 1.1})
     assert [r["step"] for r in read_metrics(str(path))] == [1, 2, 3]
+
+
+def test_a_run_directory_resumes_only_its_own_run(tmp_path, prepared_tiny, tiny_teacher, tiny_student):
+    """Checkpoints in output_dir are resumed only by the same run: another lr, stage or student is
+    refused before Ray starts, naming what changed; resume-neutral keys do not count; `fresh`
+    clears the old run, `force` resumes anyway."""
+    from distillery.distill.method import DISTILL
+    from distillery.train.finetune import FINETUNE
+    from distillery.train.identity import check_resume
+
+    run = tmp_path / "run"
+    base = [f"output_dir={run}", f"data.prepared={prepared_tiny}", f"model.path={tiny_student}", "train.lr=1e-3"]
+    assert check_resume(load_config(overrides=base), FINETUNE) == "new"
+    (run / "ray" / "train" / "checkpoint_2026-01-01").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "model").mkdir()
+    assert check_resume(load_config(overrides=base + ["train.eval_every=7", "train.max_failures=3"]), FINETUNE) == "resume"
+    with pytest.raises(ConfigError, match=r"(?s)holds checkpoints of another run.*train.lr: 0.001 -> 0.002.*train.resume=fresh"):
+        check_resume(load_config(overrides=base + ["train.lr=2e-3"]), FINETUNE)
+    with pytest.raises(ConfigError, match=r"model: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"):
+        check_resume(load_config(overrides=[*base[:2], f"model.path={tiny_teacher}", base[3]]), FINETUNE)
+    with pytest.raises(ConfigError, match="stage: 'finetune' -> 'distill'"):
+        check_resume(load_config(overrides=base + [f"model.teacher={tiny_teacher}"]), DISTILL)
+    assert check_resume(load_config(overrides=base + ["train.lr=2e-3", "train.resume=force"]), FINETUNE) == "resume"
+    assert check_resume(load_config(overrides=base + ["train.lr=3e-3", "train.resume=fresh"]), FINETUNE) == "fresh"
+    assert not (run / "ray").exists() and not (run / "metrics.jsonl").exists() and not (run / "model").exists()
+    assert (run / "run_identity.json").exists()

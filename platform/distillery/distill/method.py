@@ -18,8 +18,8 @@ import torch
 from distillery.config import Config, ConfigError
 from distillery.distill.losses import check_vocab
 from distillery.distill.objective import DistillObjective, attn_implementation
-from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, read_cache
-from distillery.models.load import model_config
+from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, load_cache_manifest, read_cache
+from distillery.models.load import model_config, model_identity
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
 
@@ -43,6 +43,12 @@ class Distill:
 
     def attn_implementation(self, cfg: Config) -> str | None:
         return attn_implementation(cfg)
+
+    def identity(self, cfg: Config) -> dict[str, str]:
+        if cfg.distill.teacher_mode == "cached":
+            built_by = load_cache_manifest(cfg.teacher_cache_dir).get("teacher", {})
+            return {"teacher": built_by.get("hash"), "teacher_source": "cache"}
+        return {"teacher": model_identity(cfg.model.teacher)["hash"], "teacher_source": "online"}
 
 
 DISTILL = Distill()

@@ -31,7 +31,6 @@ teacher; `check_cache` refuses a cache whose fingerprint is not the prepared dat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
+from distillery.models.load import model_identity
 from distillery.runtime import ensure_ray
 
 CACHE_MANIFEST = "cache_manifest.json"
@@ -62,26 +62,6 @@ class TeacherCacheError(ConfigError):
 
 
 # --------------------------------------------------------------------------- identity
-
-
-def teacher_identity(path: str) -> dict[str, str]:
-    """Path and a fast content hash of a teacher: config.json, adapter config and, for each weights
-    file, its name, size and first and last MiB (hashing many GiB in full would cost minutes)."""
-    from distillery.models.load import resolve_model_dir
-
-    d = resolve_model_dir(path)
-    h = hashlib.sha256()
-    for p in sorted(d.iterdir()):
-        if p.name in ("config.json", "adapter_config.json"):
-            h.update(p.name.encode() + p.read_bytes())
-        elif p.suffix == ".safetensors":
-            size = p.stat().st_size
-            h.update(f"{p.name}:{size}".encode())
-            with open(p, "rb") as f:
-                h.update(f.read(1 << 20))
-                f.seek(max(size - (1 << 20), 0))
-                h.update(f.read(1 << 20))
-    return {"path": str(path), "hash": h.hexdigest()}
 
 
 def teacher_vocab_size(path: str) -> int:
@@ -290,7 +270,8 @@ def check_top_k(top_k: int, vocab: int, teacher: str) -> None:
 
 def check_cache(cfg: Config) -> dict[str, Any]:
     """The cache manifest, after refusing a cache that does not belong to the prepared data
-    (fingerprint), holds fewer than distill.top_k logprobs, or whose vocabulary is not the student's
+    (fingerprint) or to `model.teacher` when one is named (content hash), holds fewer than
+    distill.top_k logprobs, or whose vocabulary is not the student's
     (checked by the caller with `distillery.distill.losses.check_vocab(manifest['vocab_size'], ...)`)."""
     manifest = load_cache_manifest(cfg.teacher_cache_dir)
     data_fp = load_manifest(cfg.prepared_dir).get("fingerprint")
@@ -300,6 +281,14 @@ def check_cache(cfg: Config) -> dict[str, Any]:
             f"{manifest.get('fingerprint')} but the prepared data '{cfg.prepared_dir}' has fingerprint {data_fp}; "
             f"re-run `distillery cache-teacher CONFIG` after `prepare`"
         )
+    if cfg.model.teacher:
+        built_by, now = manifest.get("teacher", {}), model_identity(cfg.model.teacher)
+        if built_by.get("hash") != now["hash"]:
+            raise TeacherCacheError(
+                f"teacher cache '{cfg.teacher_cache_dir}' was built by the teacher at '{built_by.get('path')}' "
+                f"(content {str(built_by.get('hash'))[:12]}), not by model.teacher '{cfg.model.teacher}' "
+                f"(content {now['hash'][:12]}); re-run `distillery cache-teacher CONFIG`, or set distill.cache to another directory"
+            )
     if manifest["top_k"] < cfg.distill.top_k and manifest["top_k"] < manifest["vocab_size"]:
         raise TeacherCacheError(
             f"distill.top_k is {cfg.distill.top_k} but the cache '{cfg.teacher_cache_dir}' holds only "
@@ -417,7 +406,7 @@ def run_cache_teacher(cfg: Config) -> int:
     backend = choose_backend(cfg)
     teacher = cfg.model.teacher
     assert teacher is not None  # check_paths guarantees it
-    identity = teacher_identity(teacher)
+    identity = model_identity(teacher)
     vocab = teacher_vocab_size(teacher)
     check_top_k(cfg.distill.top_k, vocab, teacher)
     top_k = cfg.distill.top_k

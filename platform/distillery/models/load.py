@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -78,3 +79,22 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Path and a fast content hash of a model, run directory or PEFT adapter: config.json, adapter
+    config and, for each weights file, its name, size and first and last MiB (hashing many GiB in
+    full would cost minutes)."""
+    d = resolve_model_dir(path)
+    h = hashlib.sha256()
+    for p in sorted(d.iterdir()):
+        if p.name in ("config.json", "adapter_config.json"):
+            h.update(p.name.encode() + p.read_bytes())
+        elif p.suffix == ".safetensors":
+            size = p.stat().st_size
+            h.update(f"{p.name}:{size}".encode())
+            with open(p, "rb") as f:
+                h.update(f.read(1 << 20))
+                f.seek(max(size - (1 << 20), 0))
+                h.update(f.read(1 << 20))
+    return {"path": str(path), "hash": h.hexdigest()}

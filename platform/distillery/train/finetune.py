@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from distillery.config import Config, ConfigError
-from distillery.data.splits import split_dir
+from distillery.data.splits import load_manifest, split_dir
 from distillery.train.ewc import EwcPenalty, estimate_fisher, previous_rows
 from distillery.train.method import prepared_datasets
 from distillery.train.objective import CrossEntropyObjective
@@ -41,6 +41,10 @@ class Finetune:
 
     def attn_implementation(self, cfg: Config) -> str | None:
         return cfg.model.attn_implementation
+
+    def identity(self, cfg: Config) -> dict[str, str]:
+        # EWC's Fisher comes from the previous task's data.
+        return {"ewc_previous": load_manifest(cfg.train.ewc.previous).get("fingerprint")} if cfg.train.ewc.lam > 0 else {}
 
 
 FINETUNE = Finetune()

@@ -1,8 +1,9 @@
 """The seam between the training loop and a training method (docs/architecture.md, "Training methods").
 
 `run_training`, `build_trainer`, every tune trial and the per-worker loop receive one
-`TrainingMethod` object and ask it the three things that differ between methods: what to check
-before Ray starts, which Ray Datasets to stream, and which objective computes a batch's loss.
+`TrainingMethod` object and ask it what differs between methods: what to check before Ray
+starts, which Ray Datasets to stream, which objective computes a batch's loss, and what else the
+run's result depends on (its identity).
 Everything else (model loading, parameter plan, wrapping, optimiser, checkpoints, export) is the
 same loop for every method. A new method (on-policy distillation, DPO, ...) is one more class
 with these members, not a branch on a stage name in generic code.
@@ -41,6 +42,10 @@ class TrainingMethod(Protocol):
 
     def attn_implementation(self, cfg: Config) -> str | None:
         """The transformers attention kernel the student loads with (None: the library's default)."""
+
+    def identity(self, cfg: Config) -> dict[str, str]:
+        """What the run learns from besides the student, the prepared data and the config (content
+        hashes, e.g. the teacher's): part of the run identity a resume must match (train/identity.py)."""
 
 
 def prepared_datasets(cfg: Config, columns: list[str] = TRAIN_COLUMNS) -> dict[str, Any]:

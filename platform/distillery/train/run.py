@@ -20,6 +20,7 @@ from distillery.data.splits import load_manifest, read_split
 from distillery.models.load import model_config
 from distillery.models.plan import check_method
 from distillery.runtime import ensure_ray
+from distillery.train.identity import check_resume
 from distillery.train.loop import EvaluationGate, train_loop_per_worker
 from distillery.train.method import TrainingMethod
 
@@ -103,6 +104,8 @@ def _count_rows(cfg: Config) -> int:
 def run_training(cfg: Config, method: TrainingMethod) -> int:
     """Run `method` to completion (or resume it) and write `run.json`; returns an exit code."""
     validate_training(cfg, method)
+    if check_resume(cfg, method) == "fresh":
+        print(f"{method.name}: train.resume=fresh: removed the previous run's checkpoints, metrics and model in {cfg.output_dir}", flush=True)
     # Logical CPUs: one per worker plus room for the Ray Data tasks that feed them
     # (docs/architecture.md, "Ray on small machines").
     started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)

@@ -30,6 +30,7 @@ from distillery.config import Config, ConfigError, validate_tree
 from distillery.distill.method import DISTILL
 from distillery.runtime import ensure_ray
 from distillery.train.finetune import FINETUNE
+from distillery.train.identity import check_resume
 from distillery.train.method import TrainingMethod
 from distillery.train.run import build_trainer, validate_training
 from distillery.tune.leaderboard import leaderboard_rows, tune_dir, write_csv, write_plots
@@ -92,6 +93,7 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     gate = RungGate(trial_id, tuple(asha_rungs(cfg))) if cfg.tune.scheduler == "asha" else None
     method = trial_method(cfg)
     validate_training(cfg, method)  # this trial's values (e.g. trainable_layers) fail here, before its workers
+    check_resume(cfg, method)  # a restored search resumes each trial only into its own run
     trainer = build_trainer(cfg, method, callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
 
