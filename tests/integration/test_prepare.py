@@ -275,6 +275,8 @@ def test_clear_errors_for_unusable_sources(ray_local, tmp_path, corpus, demo_cor
     cfg.model.path = str(broken)
     with pytest.raises(ConfigError, match=r"^model.path / model.tokenizer: cannot load a tokenizer from '.*broken-tokenizer'"):
         prepare(cfg)
+    # Failed runs leave no temporary directory behind.
+    assert not [p for p in tmp_path.rglob("*.tmp-*")], list(tmp_path.rglob("*.tmp-*"))
 
 
 def _generate(path: Path, n: int) -> None:

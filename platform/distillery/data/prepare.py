@@ -51,6 +51,7 @@ from distillery.data.mix import keep_rates, ratios
 from distillery.data.read import discover_files, file_kind, index_file
 from distillery.data.shared import tokenizer_dir
 from distillery.data.splits import MANIFEST, SPLITS, read_parquet
+from distillery.files import install_dir, removed_on_failure
 
 
 class Progress:
@@ -121,26 +122,27 @@ def prepare(cfg: Config, log=None) -> dict:
     final = cfg.prepared_dir.rstrip("/")
     tmp = _fresh_tmp(final)
 
-    corpus = _discover(data, log)
-    ingest_ctx = _ingest_context(cfg, tok_path, tmp, corpus)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    _run_ingest(ingest_ctx, corpus.chunks)
-    stats = _read_stats(tmp, names)
-    _log_ingest(stats, corpus, log)
-    _check_sources(data, names, stats, tmp)
+    with removed_on_failure(tmp):
+        corpus = _discover(data, log)
+        ingest_ctx = _ingest_context(cfg, tok_path, tmp, corpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        _run_ingest(ingest_ctx, corpus.chunks)
+        stats = _read_stats(tmp, names)
+        _log_ingest(stats, corpus, log)
+        _check_sources(data, names, stats, tmp)
 
-    dups = _dedupe(ingest_ctx, data, names, log)
-    kept_rows, rates = _mix_rates(data, names, stats, dups)
-    ctx = _finalize_context(ingest_ctx, cfg, dups, rates, synonyms)
-    totals = _run_finalize(ctx, data.augment)
-    splits, fingerprint = _fingerprint(totals)
-    shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
+        dups = _dedupe(ingest_ctx, data, names, log)
+        kept_rows, rates = _mix_rates(data, names, stats, dups)
+        ctx = _finalize_context(ingest_ctx, cfg, dups, rates, synonyms)
+        totals = _run_finalize(ctx, data.augment)
+        splits, fingerprint = _fingerprint(totals)
+        shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
 
-    mix = _mix_report(data, names, rates, totals)
-    manifest = _manifest(cfg, tok_path, fingerprint, splits, stats, dups, kept_rows, mix, corpus, t0)
-    with open(f"{tmp}/{MANIFEST}", "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2, ensure_ascii=False)
-    _install(tmp, final)
+        mix = _mix_report(data, names, rates, totals)
+        manifest = _manifest(cfg, tok_path, fingerprint, splits, stats, dups, kept_rows, mix, corpus, t0)
+        with open(f"{tmp}/{MANIFEST}", "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+        _install(tmp, final)
     return manifest
 
 
@@ -474,13 +476,17 @@ def _manifest(cfg: Config, tok_path: str, fingerprint: str, splits: dict[str, di
     }
 
 
+TEACHER_CACHE = "teacher_cache"  # the default teacher cache's place inside the prepared directory (Config.teacher_cache_dir)
+
+
 def _install(tmp: str, final: str) -> None:
-    """Atomic replace: the old directory moves aside first, so a reader sees the old or the new one."""
-    old = f"{final}.old-{os.getpid()}"
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    """Put the new prepared directory in place atomically. A teacher cache in its default place
+    inside the old directory moves into the new one: its fingerprint check (distill/teacher_cache.py)
+    then decides whether it still fits the data, so re-running an unchanged prepare keeps it."""
+    cache = os.path.join(final, TEACHER_CACHE)
+    if os.path.isdir(cache):
+        os.replace(cache, os.path.join(tmp, TEACHER_CACHE))
+    install_dir(tmp, final)
 
 
 # --------------------------------------------------------------------------- CLI stage

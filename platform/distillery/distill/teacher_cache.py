@@ -44,6 +44,7 @@ from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
+from distillery.files import install_dir, removed_on_failure, write_text_atomic
 from distillery.models.load import model_identity
 from distillery.runtime import ensure_ray
 
@@ -375,53 +376,18 @@ class OrderedSplitSink(Datasink):
                 pq.write_table(part, os.path.join(self.path, split, f"part-{ctx.task_idx:06d}-{n:04d}.parquet"))
 
 
-def _install(tmp: str, final: str) -> None:
-    """Replace `final` by the finished `tmp` directory with renames, so readers never see half a cache."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def run_cache_teacher(cfg: Config) -> int:
-    """Build the teacher cache for every prepared split with Ray Data batch inference.
-
-        distillery cache-teacher CONFIG [key=value ...]
-    """
+def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, tmp: str) -> dict[str, dict[str, Any]]:
+    """Run the teacher over every split with Ray Data batch inference, writing the cache under `tmp`;
+    returns rows, positions and bytes per split."""
     import ray
 
-    prepared = cfg.prepared_dir
-    try:
-        data_manifest = load_manifest(prepared)
-    except PreparedDataError as e:
-        raise TeacherCacheError(str(e)) from None
-    if "fingerprint" not in data_manifest:
-        raise TeacherCacheError(f"data.prepared: '{prepared}/manifest.json' has no fingerprint; re-run `distillery prepare`")
-    splits = [s for s in SPLITS if os.path.isdir(split_dir(prepared, s)) and any(n.endswith(".parquet") for n in os.listdir(split_dir(prepared, s)))]
-    if not splits:
-        raise TeacherCacheError(f"data.prepared: '{prepared}' has no split with parquet files")
-    backend = choose_backend(cfg)
-    teacher = cfg.model.teacher
-    assert teacher is not None  # check_paths guarantees it
-    identity = model_identity(teacher)
-    vocab = teacher_vocab_size(teacher)
-    check_top_k(cfg.distill.top_k, vocab, teacher)
-    top_k = cfg.distill.top_k
-    cache_dir = cfg.teacher_cache_dir.rstrip("/")
-    tmp = f"{cache_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"cache-teacher: {backend} backend, teacher {teacher}, top_k {top_k}, {cfg.distill.cache_dtype}, splits {splits} -> {cache_dir}", flush=True)
-
+    prepared, teacher = cfg.prepared_dir, cfg.model.teacher
     # Each teacher actor holds 1 logical CPU; the read and write tasks need CPUs the actors do not
     # hold, or the pipeline waits forever for resources (docs/architecture.md, "Ray on small machines").
     # Inside `ray job submit` this joins the job's cluster, which has its own size.
     started_ray = ensure_ray(num_cpus=cfg.distill.cache_actors + 2, log_to_driver=False)
     threads = max(1, (os.cpu_count() or 1) // cfg.distill.cache_actors)
     per_split: dict[str, dict[str, Any]] = {}
-    t0 = time.time()
     try:
         # One dataset over every split, so the teacher (a vLLM engine takes about a minute to
         # start) is loaded once; the split travels as a hive partition column.
@@ -467,10 +433,17 @@ def run_cache_teacher(cfg: Config) -> int:
     finally:
         if started_ray:
             ray.shutdown()
+    return per_split
+
+
+def _cache_manifest(cfg: Config, data_manifest: dict, identity: dict, backend: str, top_k: int, vocab: int,
+                    per_split: dict[str, dict[str, Any]], t0: float) -> dict[str, Any]:
+    """The cache's manifest: what it belongs to (data fingerprint, teacher identity) and what it holds."""
+    prepared = cfg.prepared_dir
     positions = sum(s["positions"] for s in per_split.values())
     extra = sum(s["bytes"] for s in per_split.values()) - sum(_dir_bytes(split_dir(prepared, s)) for s in per_split)
     value_bytes = 2 if cfg.distill.cache_dtype == "float16" else 4
-    manifest = {
+    return {
         "fingerprint": data_manifest["fingerprint"],
         "prepared": prepared,
         "teacher": identity,
@@ -487,12 +460,43 @@ def run_cache_teacher(cfg: Config) -> int:
         "seconds": round(time.time() - t0, 2),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    with open(os.path.join(tmp, CACHE_MANIFEST + ".tmp"), "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(os.path.join(tmp, CACHE_MANIFEST + ".tmp"), os.path.join(tmp, CACHE_MANIFEST))
-    _install(tmp, cache_dir)
+
+
+def run_cache_teacher(cfg: Config) -> int:
+    """Build the teacher cache for every prepared split with Ray Data batch inference.
+
+        distillery cache-teacher CONFIG [key=value ...]
+    """
+    prepared = cfg.prepared_dir
+    try:
+        data_manifest = load_manifest(prepared)
+    except PreparedDataError as e:
+        raise TeacherCacheError(str(e)) from None
+    if "fingerprint" not in data_manifest:
+        raise TeacherCacheError(f"data.prepared: '{prepared}/manifest.json' has no fingerprint; re-run `distillery prepare`")
+    splits = [s for s in SPLITS if os.path.isdir(split_dir(prepared, s)) and any(n.endswith(".parquet") for n in os.listdir(split_dir(prepared, s)))]
+    if not splits:
+        raise TeacherCacheError(f"data.prepared: '{prepared}' has no split with parquet files")
+    backend = choose_backend(cfg)
+    teacher = cfg.model.teacher
+    assert teacher is not None  # check_paths guarantees it
+    identity = model_identity(teacher)
+    vocab = teacher_vocab_size(teacher)
+    check_top_k(cfg.distill.top_k, vocab, teacher)
+    top_k = cfg.distill.top_k
+    cache_dir = cfg.teacher_cache_dir.rstrip("/")
+    tmp = f"{cache_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"cache-teacher: {backend} backend, teacher {teacher}, top_k {top_k}, {cfg.distill.cache_dtype}, splits {splits} -> {cache_dir}", flush=True)
+
+    t0 = time.time()
+    with removed_on_failure(tmp):
+        per_split = _score_splits(cfg, splits, backend, top_k, tmp)
+        manifest = _cache_manifest(cfg, data_manifest, identity, backend, top_k, vocab, per_split, t0)
+        write_text_atomic(os.path.join(tmp, CACHE_MANIFEST), json.dumps(manifest, indent=2))
+        install_dir(tmp, cache_dir)
     print(
-        f"cache-teacher: wrote {cache_dir}: {manifest['rows']} rows, {positions} positions, "
+        f"cache-teacher: wrote {cache_dir}: {manifest['rows']} rows, {manifest['positions']} positions, "
         f"{manifest['raw_bytes_per_token']} B/token raw, {manifest['disk_bytes_per_token']} B/token on disk, {manifest['seconds']} s",
         flush=True,
     )

@@ -23,6 +23,7 @@ from distillery.evaluation.generation import generate, render_prompt
 from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples, score
 from distillery.evaluation.model_metrics import parameter_counts, size_on_disk, val_and_teacher_metrics
 from distillery.evaluation.report import model_name, render_report, write_plots
+from distillery.files import write_text_atomic
 from distillery.models.load import resolve_model_dir
 
 
@@ -90,13 +91,11 @@ def run_eval(cfg: Config) -> int:
         results.append(r)
         print(f"eval: {name}: mean score {r['mean_score']:.3f}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
 
-    with open(out / "examples.jsonl", "w", encoding="utf-8") as f:
-        for row in example_rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps({"tasks": tasks, "examples": len(examples), "models": results}, indent=2, ensure_ascii=False))
+    write_text_atomic(out / "examples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in example_rows))
+    write_text_atomic(out / "metrics.json", json.dumps({"tasks": tasks, "examples": len(examples), "models": results}, indent=2, ensure_ascii=False))
     write_plots(out, results, tasks)
     report = render_report(results, tasks, len(examples))
-    (out / "report.md").write_text(report, encoding="utf-8")
+    write_text_atomic(out / "report.md", report)
     print("\n" + report.split("\n![")[0])
     print(f"eval: report {out / 'report.md'}")
     return 0

@@ -28,6 +28,7 @@ import yaml
 
 from distillery.config import Config, ConfigError, validate_tree
 from distillery.distill.method import DISTILL
+from distillery.files import install_dir, removed_on_failure, write_text_atomic
 from distillery.runtime import ensure_ray
 from distillery.train.finetune import FINETUNE
 from distillery.train.identity import check_resume
@@ -201,12 +202,14 @@ def run_tune(cfg: Config) -> int:
         return 1
     best = ok[0]
     best_dir = out / "best"
-    if best_dir.exists():
-        shutil.rmtree(best_dir)
     if Path(best["run_dir"]).is_dir():
-        shutil.copytree(best["run_dir"], best_dir)
+        tmp = out / f"best.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        with removed_on_failure(tmp):
+            shutil.copytree(best["run_dir"], tmp)
+            install_dir(tmp, best_dir)
     best_cfg = with_values(cfg, {**{k: best[k] for k in cfg.tune.search_space}, "output_dir": str(best_dir)})
-    (out / "best.yaml").write_text(best_cfg.to_yaml(), encoding="utf-8")
+    write_text_atomic(out / "best.yaml", best_cfg.to_yaml())
     stopped = sum(r["status"] == "stopped early" for r in rows)
     failed = sum(r["status"] == "failed" for r in rows)
     print(
