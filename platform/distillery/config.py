@@ -51,6 +51,9 @@ class DedupeConfig(Section):
     threshold: float = Field(0.85, gt=0, le=1, description="Estimated Jaccard similarity at or above which two rows are near-copies.")
     num_perm: int = Field(64, ge=8, le=1024, description="MinHash permutations (more: sharper estimate, slower).")
     shingle: int = Field(5, ge=1, le=32, description="Character n-gram size of the shingles MinHash is computed over.")
+    near_by: Literal["row", "prompt"] = Field(
+        "row", description="`row`: a near copy's whole row and its response must both be near copies of an earlier row's (templated prompts with different answers are kept); `prompt`: near-identical prompts are copies whatever their responses."
+    )
 
 
 class SynonymAugmentConfig(Section):

@@ -180,3 +180,35 @@ def test_token_ids_straight_from_the_rust_tokenizer_match_the_tokenizer_call(tin
         assert token_ids(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
     finally:
         tok.backend_tokenizer.no_truncation()
+
+
+def _near_copies(rows: list[list[dict]], near_by: str, threshold: float = 0.85, num_perm: int = 64) -> dict[int, str]:
+    """Near-dedupe of chat rows as ingest and pass 2 do it: band keys from the row (or prompt), the
+    response's signature beside it with near_by=row."""
+    from distillery.data.normalize import content_text, dedupe_texts
+
+    b, r = dd.lsh_params(threshold, num_perm)
+    keys, uids, sigs = [], [], []
+    for uid, messages in enumerate(rows):
+        prompt, response = dedupe_texts(messages, None)
+        key_sig = dd.minhash(content_text(messages, None) if near_by == "row" else prompt, num_perm)
+        sig = np.concatenate([key_sig, dd.minhash(response, num_perm)]) if near_by == "row" else key_sig
+        for k in dd.band_keys(key_sig, b, r):
+            keys.append(k), uids.append(uid), sigs.append(sig)
+    return dd.find_duplicates(np.array(keys), np.array(uids), np.stack(sigs), threshold, parts=2 if near_by == "row" else 1)
+
+
+def test_templated_rows_with_different_answers_are_not_near_copies():
+    """A long shared instruction with a few characters of input makes two rows look alike; they are
+    near copies only when their responses are too (or when prompts alone are asked to match)."""
+    instruction = ("You are a careful unit converter. Convert the quantity below to metric units and answer with the "
+                   "number and the unit only, rounded to one decimal place, without any explanation or extra words.")
+
+    def row(value: str, answer: str) -> list[dict]:
+        return [{"role": "user", "content": f"{instruction}\n{value}"}, {"role": "assistant", "content": answer}]
+
+    rows = [row("12 miles", "19.3 km"), row("13 miles", "20.9 km"), row("12 mile", "19.3 km")]
+    whole = [dd.minhash(f"{m[0]['content']}\n{m[1]['content']}") for m in rows]
+    assert (whole[0] == whole[1]).mean() >= 0.85  # whole rows alone would call row 1 a copy of row 0
+    assert _near_copies(rows, "row") == {2: "near"}  # same answer: a copy; different answer: kept
+    assert _near_copies(rows, "prompt") == {1: "near", 2: "near"}  # the opt-in: prompts alone decide

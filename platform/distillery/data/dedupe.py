@@ -166,14 +166,15 @@ def exact_key(row_id: str) -> int:
 
 
 def find_duplicates(keys: np.ndarray, uids: np.ndarray, sigs: np.ndarray | None, threshold: float,
-                    max_keepers: int = 64) -> dict[int, str]:
+                    max_keepers: int = 64, parts: int = 1) -> dict[int, str]:
     """{uid: 'exact' | 'near'} for the rows of one key group table that duplicate an earlier row.
 
-    `keys`, `uids`: int64[n]; `sigs`: uint32[n, num_perm] (None when only exact keys are present).
+    `keys`, `uids`: int64[n]; `sigs`: uint32[n, parts * num_perm] (None when only exact keys are
+    present): `parts` signatures side by side (the row's, and its response's with `near_by: row`).
     For each key, rows are visited by uid: under the exact key every row after the first is a copy;
-    under a band key a row is a near copy when its signature agrees with one of the first
-    `max_keepers` kept rows in at least `threshold` of positions (the cap bounds pathological
-    buckets, e.g. thousands of rows sharing boilerplate, to O(n * max_keepers)).
+    under a band key a row is a near copy when every one of its signatures agrees with the same one
+    of the first `max_keepers` kept rows in at least `threshold` of positions (the cap bounds
+    pathological buckets, e.g. thousands of rows sharing boilerplate, to O(n * max_keepers)).
     """
     dups: dict[int, str] = {}
     order = np.lexsort((uids, keys))
@@ -192,8 +193,8 @@ def find_duplicates(keys: np.ndarray, uids: np.ndarray, sigs: np.ndarray | None,
         for i in range(lo + 1, hi):
             if uids[i] == uids[i - 1]:
                 continue
-            ref = sigs[kept]
-            if ((ref == sigs[i]).mean(axis=1) >= threshold).any():
+            agree = (sigs[kept] == sigs[i]).reshape(len(kept), parts, -1).mean(axis=2)  # [kept, parts]
+            if (agree >= threshold).all(axis=1).any():
                 dups.setdefault(int(uids[i]), "near")
             elif len(kept) < max_keepers:
                 kept.append(i)

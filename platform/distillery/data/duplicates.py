@@ -30,13 +30,15 @@ def duplicates_in_bucket(batch: dict, root: str, threshold: float, num_perm: int
         with fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh))
     t = pa.concat_tables(tables)
-    sigs = None
+    sigs, parts = None, 1
     if "sig" in t.column_names:
         col = t["sig"].combine_chunks()
+        width = col.type.byte_width // 4  # num_perm, or twice that with the response's signature beside the row's
         values = np.frombuffer(col.buffers()[1], dtype=np.uint32)
-        sigs = values[col.offset * num_perm:(col.offset + len(col)) * num_perm].reshape(len(col), num_perm)
+        sigs = values[col.offset * width:(col.offset + len(col)) * width].reshape(len(col), width)
+        parts = width // num_perm
     with no_gc():
-        found = dd.find_duplicates(t["key"].to_numpy(), t["uid"].to_numpy(), sigs, threshold)
+        found = dd.find_duplicates(t["key"].to_numpy(), t["uid"].to_numpy(), sigs, threshold, parts=parts)
     return {"uid": np.array(list(found), dtype=np.int64), "kind": np.array(list(found.values()), dtype=object)}
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from distillery.data import dedupe as dd
 from distillery.data.context import IngestContext
-from distillery.data.normalize import content_text, normalize_fields, render, to_messages
+from distillery.data.normalize import content_text, dedupe_texts, normalize_fields, render, to_messages
 from distillery.data.read import read_chunk
 from distillery.data.shared import no_gc, row_id, row_schema, tokenizer_identity, worker_tokenizer, write_text
 from distillery.data.tokenize import encode_batch, truncate
@@ -135,8 +135,19 @@ class _ChunkIngest:
             "messages": json.dumps(messages if messages is not None else [{"role": "text", "content": fields["text"]}],
                                    ensure_ascii=False) if ctx.keep_messages else None,
             "label": _passthrough(fields["label"]), "metadata": _passthrough(fields["metadata"]),
-            "content": content_text(messages, fields.get("text")) if ctx.dedupe.near else None,
+            **self._near_texts(messages, fields.get("text")),
         })
+
+    def _near_texts(self, messages: list[dict] | None, text: str | None) -> dict[str, str | None]:
+        """What near-dedupe compares: `content` gives the candidate keys (the whole row, or the prompt
+        with `near_by: prompt`); `response` must match too with `near_by: row`."""
+        dedupe = self.ctx.dedupe
+        if not dedupe.near:
+            return {"content": None, "response_content": None}
+        prompt, response = dedupe_texts(messages, text)
+        if dedupe.near_by == "prompt":
+            return {"content": prompt, "response_content": None}
+        return {"content": content_text(messages, text), "response_content": response}
 
     def flush(self):
         """Tokenise the pending rows, filter them by length, record their dedupe keys and return
@@ -174,8 +185,11 @@ class _ChunkIngest:
                                    uids, None))
         if dedupe.near and rows:
             sigs = dd.minhash_batch([r["content"] for r in rows], dedupe.num_perm, dedupe.shingle, self.ctx.seed)
-            self.key_parts.append((dd.band_keys_batch(sigs, self.bands, self.rows_per_band).ravel(),
-                                   np.repeat(uids, self.bands), np.repeat(sigs, self.bands, axis=0)))
+            keys = dd.band_keys_batch(sigs, self.bands, self.rows_per_band).ravel()
+            if dedupe.near_by == "row":  # the response's signature rides along: a near copy must match it too
+                sigs = np.concatenate([sigs, dd.minhash_batch([r["response_content"] for r in rows], dedupe.num_perm,
+                                                              dedupe.shingle, self.ctx.seed)], axis=1)
+            self.key_parts.append((keys, np.repeat(uids, self.bands), np.repeat(sigs, self.bands, axis=0)))
 
     def finish(self, cid: str) -> None:
         """Write the chunk's key buckets, quarantined lines and stats."""

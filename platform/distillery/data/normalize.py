@@ -74,6 +74,16 @@ def render(messages: list[dict] | None, text: str | None, tokenizer, chat_templa
     return prompt, full[len(prompt):]
 
 
+def dedupe_texts(messages: list[dict] | None, text: str | None) -> tuple[str, str]:
+    """(prompt, response) contents without template markup, for near-dedupe: the response is the
+    final assistant message (empty when the row ends otherwise); a plain-text row is both."""
+    if messages is None:
+        return text or "", text or ""
+    if messages and messages[-1].get("role") == "assistant":
+        return "\n".join(m["content"] for m in messages[:-1]), messages[-1]["content"]
+    return "\n".join(m["content"] for m in messages), ""
+
+
 def content_text(messages: list[dict] | None, text: str | None) -> str:
     """The row's content without template markup: what dedupe compares (markup would make all rows alike)."""
     if messages is None:
