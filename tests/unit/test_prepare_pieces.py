@@ -212,3 +212,25 @@ def test_templated_rows_with_different_answers_are_not_near_copies():
     assert (whole[0] == whole[1]).mean() >= 0.85  # whole rows alone would call row 1 a copy of row 0
     assert _near_copies(rows, "row") == {2: "near"}  # same answer: a copy; different answer: kept
     assert _near_copies(rows, "prompt") == {1: "near", 2: "near"}  # the opt-in: prompts alone decide
+
+
+def test_a_malformed_csv_row_is_quarantined_alone(tmp_path):
+    """Each bad CSV row is one record with a reason and its own line; every later row is still read,
+    quoted fields may span lines, and every value stays a string."""
+    from distillery.data.read import index_file, read_chunk
+
+    p = tmp_path / "rows.csv"
+    p.write_bytes(b'\xef\xbb\xbfinstruction,output,label\n"a, b",1,007\nbad,row\n"multi\nline",2,x\n'
+                  b'\xff\xfebad,utf,8\n\nlast,3,y\n')
+    (start, end, first), = index_file(str(p)).chunks
+    records = list(read_chunk(str(p), start, end, first))
+    got = [(line, obj, reason.split(":")[0]) for line, obj, _, reason in records]
+    assert got == [
+        (2, {"instruction": "a, b", "output": "1", "label": "007"}, ""),
+        (3, None, "bad_csv"),
+        (4, {"instruction": "multi\nline", "output": "2", "label": "x"}, ""),
+        (6, None, "undecodable"),
+        (8, {"instruction": "last", "output": "3", "label": "y"}, ""),
+    ]
+    assert "2 fields where the header has 3 (instruction, output, label)" in records[1][3]
+    assert records[1][2] == "bad,row"

@@ -155,23 +155,40 @@ def read_chunk(path: str, start: int, end: int, first_line: int) -> Iterator[Rec
 
 
 def _read_csv(fs, p: str, first_line: int) -> Iterator[Record]:
+    """CSV rows with the line each starts on (quoted fields may span lines). Every column is a
+    string (a `label` of "007" or an `input` of "1,2" keeps its text). A bad row (wrong number of
+    fields, bytes that are not UTF-8) is one quarantined record; the rows after it are read on."""
     import csv
+    import io
 
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    # Every column as a string: a `label` of "007" or an `input` of "1,2" must not change type.
-    with fs.open(p, "rb") as f:
-        head = f.readline().decode("utf-8", errors="replace")
-    names = next(iter(csv.reader([head])), [])
-    convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    line = first_line
-    with fs.open(p, "rb") as f:
+    with fs.open(p, "rb") as raw:
+        # surrogateescape: undecodable bytes reach the row that holds them instead of ending the file.
+        reader = csv.reader(io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline=""))
         try:
-            reader = pacsv.open_csv(f, convert_options=convert, read_options=pacsv.ReadOptions(block_size=4 << 20))
-            for batch in reader:
-                for row in batch.to_pylist():
-                    yield line, row, "", ""
-                    line += 1
-        except (pa.ArrowInvalid, UnicodeDecodeError) as e:
-            yield line, None, "", f"bad_csv: {e}"
+            names = next(reader)
+        except (StopIteration, csv.Error):
+            return
+        line = reader.line_num
+        while True:
+            start = line + 1
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                line = reader.line_num
+                yield start, None, "", f"bad_csv: {e}"
+                continue
+            line = reader.line_num
+            if not fields:
+                continue  # a blank line
+            text = ",".join(fields)
+            bad = next((i for i, ch in enumerate(text) if "\udc80" <= ch <= "\udcff"), None)
+            if bad is not None:
+                shown = text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+                yield start, None, shown, f"undecodable: invalid UTF-8 at character {bad}"
+            elif len(fields) != len(names):
+                yield start, None, text, (f"bad_csv: {len(fields)} fields where the header has {len(names)} "
+                                          f"({', '.join(names)}){'; an unclosed quote runs to line ' + str(line) if line > start else ''}")
+            else:
+                yield start, dict(zip(names, fields)), "", ""
