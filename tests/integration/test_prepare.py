@@ -154,6 +154,14 @@ def test_mix_ratios_and_manifest(prepared):
     for split in ("train", "val", "test"):
         assert m["splits"][split]["rows"] == len(rows_of(out, split)) == m["counts"][split]
     assert not any(p.name.startswith(("_", ".")) or ".tmp" in p.name for p in out.iterdir())
+    # Every row read is accounted for, per source; the downsampled sources lost rows to the mix only.
+    acc = m["accounting"]["per_source"]
+    assert sum(a["read"] for a in acc.values()) == m["steps"]["read"]
+    for name, a in acc.items():
+        assert a["read"] == sum(v for k, v in a.items() if k != "read"), (name, a)
+        assert a["selected"] == sum(1 for s in ("train", "val", "test") for r in rows_of(out, s)
+                                    if r["source"] == name and not r["augment"] and "-r" not in r["row_id"]), (name, a)
+    assert sum(a["mixed_out"] for a in acc.values()) > 0 and acc["general"]["quarantined"] == len(BAD)
 
 
 def test_augmented_rows_are_train_only_and_prompts_are_masked(prepared):

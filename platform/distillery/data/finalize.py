@@ -44,6 +44,10 @@ class SplitCounts:
     """First lane of the order-independent digest: sum of the rows' sha256 bytes 0-7, mod 2**63."""
     h2: int = 0
     """Second lane of the digest: sum of bytes 8-15, mod 2**63 (two lanes make collisions negligible)."""
+    selected: int = 0
+    """Original rows the mix kept, each counted once however often it is repeated, windowed or augmented."""
+    mixed_out: int = 0
+    """Rows the mix dropped (downsampling), counted in the split their hash gives them."""
 
     def add_row(self, tokens: int, augmented: bool, digest: bytes) -> None:
         """Count one row with `tokens` tokens and the sha256 `digest` of its content."""
@@ -62,6 +66,8 @@ class SplitCounts:
         self.orig_tokens += other.orig_tokens
         self.h1 = (self.h1 + other.h1) % HASH_MOD
         self.h2 = (self.h2 + other.h2) % HASH_MOD
+        self.selected += other.selected
+        self.mixed_out += other.mixed_out
         return self
 
     @classmethod
@@ -76,10 +82,11 @@ COUNT_COLUMNS = tuple(f.name for f in dataclasses.fields(SplitCounts))
 # --------------------------------------------------------------------------- row selection
 
 
-def select_table(batch, ctx: FinalizeContext, repeats: bool = True):
+def select_table(batch, ctx: FinalizeContext, repeats: bool = True) -> tuple[Any, dict[tuple[str, str], SplitCounts]]:
     """Drop duplicates, bring each source to its mix share and add the `split` column: the same
     decision for every branch. Upsampled training rows are repeated with row_id `<id>-r<k>`
-    (`repeats`). Only the row ids and sources leave Arrow; the token columns are taken as they are."""
+    (`repeats`). Only the row ids and sources leave Arrow; the token columns are taken as they are.
+    Returns the table and, per (split, source), how many rows the mix selected and dropped."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -87,13 +94,17 @@ def select_table(batch, ctx: FinalizeContext, repeats: bool = True):
         batch = batch.filter(pc.invert(pc.is_in(batch["uid"], value_set=pa.array(ctx.dups, pa.int64()))))
     seed, rates = ctx.seed, ctx.rates
     take, row_ids, splits = [], [], []
+    counts: dict[tuple[str, str], SplitCounts] = {}
     for i, (rid, source) in enumerate(zip(batch["row_id"].to_pylist(), batch["source"].to_pylist())):
         rate = rates[source]
         n = copies_of(rate, unit_hash("mix", seed, rid)) if rate != 1.0 else 1
-        if n == 0:
-            continue
         u = unit_hash("split", seed, rid)
         split = "val" if u < ctx.val_fraction else "test" if u < ctx.val_fraction + ctx.test_fraction else "train"
+        c = counts.setdefault((split, source), SplitCounts())
+        if n == 0:
+            c.mixed_out += 1
+            continue
+        c.selected += 1
         take.append(i)
         row_ids.append(rid)
         splits.append(split)
@@ -104,14 +115,14 @@ def select_table(batch, ctx: FinalizeContext, repeats: bool = True):
                 splits.append(split)
     out = batch.take(pa.array(take, pa.int64()))
     out = out.set_column(out.schema.get_field_index("row_id"), "row_id", pa.array(row_ids, pa.string()))
-    return out.append_column("split", pa.array(splits, pa.string()))
+    return out.append_column("split", pa.array(splits, pa.string())), counts
 
 
 def select_for_back_translation(batch, ctx: FinalizeContext):
     """The selected training rows (`select_table`, without repeats) that back-translation samples."""
     import pyarrow as pa
 
-    table = select_table(batch, ctx, repeats=False)
+    table, _ = select_table(batch, ctx, repeats=False)  # the main branch counts the selection
     seed, p = ctx.augment.seed, ctx.bt_probability
     chosen = [split == "train" and unit_hash("bt", seed, rid) < p
               for rid, split in zip(table["row_id"].to_pylist(), table["split"].to_pylist())]
@@ -136,16 +147,21 @@ def finalize_file(batch: dict, ctx: FinalizeContext):
 
 
 def finalize_batch(batch, ctx: FinalizeContext):
-    """Originals plus their synonym/reorder copies (train only), cut to length: the rows that are written."""
+    """Originals plus their synonym/reorder copies (train only), cut to length: the rows that are
+    written. Returns their summary (split_summary) with the mix's selection counts added."""
     with no_gc():
-        return _finalize_batch(batch, ctx)
+        table, selection = select_table(batch, ctx)
+        acc = {(r["split"], r["source"]): SplitCounts.from_row(r) for r in _write_selected(table, ctx).to_pylist()}
+    for key, counts in selection.items():
+        acc.setdefault(key, SplitCounts()).add(counts)
+    return summary_table(acc)
 
 
-def _finalize_batch(batch, ctx: FinalizeContext):
+def _write_selected(table, ctx: FinalizeContext):
+    """Write the selected rows and their augmented copies, cut to length; returns their summary."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    table = select_table(batch, ctx)
     aug = ctx.augment
     copy_rows = bool(aug.copies and (aug.synonyms is not None or aug.reorder is not None))
     if not copy_rows and ctx.window is None and not ctx.packing:
@@ -267,7 +283,6 @@ def split_summary(batch) -> Any:
     """Per (split, source) of a batch: its `SplitCounts` (rows, tokens, augmented rows, tokens of
     original rows and an order-independent digest: two 64-bit sums of per-row sha256 of the token
     content), as an Arrow table with columns split, source and COUNT_COLUMNS."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     def flat(col: str) -> tuple[np.ndarray, np.ndarray]:
@@ -285,6 +300,13 @@ def split_summary(batch) -> Any:
         d = hashlib.sha256(f"{split}|{rid}|".encode() + ids[off[i]:off[i + 1]].tobytes() + b"|"
                            + labels[loff[i]:loff[i + 1]].tobytes()).digest()
         acc.setdefault((split, source), SplitCounts()).add_row(int(off[i + 1] - off[i]), bool(aug), d)
+    return summary_table(acc)
+
+
+def summary_table(acc: dict[tuple[str, str], SplitCounts]):
+    """`SplitCounts` per (split, source) as the Arrow table the finalise tasks stream back."""
+    import pyarrow as pa
+
     keys = list(acc)
     return pa.table({
         "split": [k[0] for k in keys], "source": [k[1] for k in keys],

@@ -36,6 +36,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +140,9 @@ def prepare(cfg: Config, log=None) -> dict:
         shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
 
         mix = _mix_report(data, names, rates, totals)
+        accounting = _accounting(names, stats, dups, totals)
         manifest = _manifest(cfg, tok_path, fingerprint, splits, stats, dups, kept_rows, mix, corpus, t0)
+        manifest["accounting"] = accounting
         with open(f"{tmp}/{MANIFEST}", "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         _install(tmp, final)
@@ -442,6 +445,32 @@ def _mix_report(data: DataConfig, names: list[str], rates: dict[str, float],
     achieved = ratios(achieved_amounts)
     return {"by": data.mix_by, "strategy": data.mix_strategy, "target": target, "achieved": achieved,
             "keep_rate": {n: round(r, 6) for n, r in rates.items()}, "amounts": achieved_amounts}
+
+
+ACCOUNTING = "read = quarantined + too_short + too_long + exact_duplicates + near_duplicates + mixed_out + selected"
+
+
+def _accounting(names: list[str], stats: IngestStats, dups: Duplicates,
+                totals: dict[tuple[str, str], SplitCounts]) -> dict[str, Any]:
+    """Every row read is accounted for, per source: quarantined, filtered by length, a duplicate,
+    dropped by the mix, or selected (then written, maybe repeated, windowed or augmented). A gap
+    means rows were lost without a count: that is an error, not a manifest."""
+    selected, mixed_out = Counter(), Counter()
+    for (_, source), counts in totals.items():
+        selected[source] += counts.selected
+        mixed_out[source] += counts.mixed_out
+    per_source = {}
+    for n in names:
+        st, by_kind = stats.per_source[n], dups.by_source[n]
+        row = {"read": st["read"], "quarantined": sum(v for k, v in st.items() if k.startswith("quarantine:")),
+               "too_short": st["too_short"], "too_long": st["too_long"], "exact_duplicates": by_kind["exact"],
+               "near_duplicates": by_kind["near"], "mixed_out": mixed_out[n], "selected": selected[n]}
+        accounted = sum(v for k, v in row.items() if k != "read")
+        if accounted != row["read"]:
+            raise RuntimeError(f"prepare: the rows of source '{n}' do not add up ({ACCOUNTING}): {row}, "
+                               f"{row['read'] - accounted:+,} unaccounted; nothing was installed")
+        per_source[n] = row
+    return {"identity": ACCOUNTING, "per_source": per_source}
 
 
 def _manifest(cfg: Config, tok_path: str, fingerprint: str, splits: dict[str, dict], stats: IngestStats,
