@@ -22,27 +22,55 @@ def head():
     h.stop()
 
 
-@pytest.mark.timeout(600)
-def test_job_submit_ships_the_package_and_needs_the_token(head, tmp_path, demo_corpus):
-    out = tmp_path / "model"
-    submit = [
-        str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".",
-        "--runtime-env", "jobs/runtime_env.yaml", "--",
-    ]
-    job = [
-        "python", "-m", "distillery", "init-model", str(out), "--arch", "llama", "--layers", "1", "--hidden", "32",
-        "--heads", "1", "--intermediate", "64", "--corpus", str(demo_corpus["train"]), "--vocab-size", "300",
-    ]
-    denied = head.run(*submit, *job, auth=False, cwd=REPO, timeout=120)
-    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower()
-    assert not out.exists()
+@pytest.mark.timeout(1200)
+def test_the_whole_chain_runs_as_ray_jobs(head, tmp_path, demo_corpus, tiny_teacher, tiny_student):
+    """prepare -> finetune (the teacher) -> cache-teacher -> distill -> eval, each stage its own
+    `ray job submit` to a token-protected head, exactly as a user runs them on a cluster: every
+    stage joins the job's cluster (none starts its own Ray) and reads the previous one's output."""
+    root = tmp_path / "chain"
+    cfg = tmp_path / "chain.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "output_dir": str(root), "seed": 0,
+        "data": {"sources": [{"path": str(demo_corpus["train"]), "format": "instruction", "name": "domain"}],
+                 "prepared": str(root / "data"), "max_length": 128},
+        "train": {"num_workers": 1, "strategy": "none", "batch_size": 8, "max_steps": 4, "scheduler": "constant", "lr": 3e-3},
+        "distill": {"cache_backend": "hf", "top_k": 8},
+        "eval": {"backend": "hf", "max_examples": 8, "max_new_tokens": 8, "dataset": str(demo_corpus["test"]),
+                 "models": [{"path": str(root / "teacher"), "name": "teacher"}, {"path": str(root / "student"), "name": "student"}],
+                 "output": str(root / "eval")},
+    }))
+    submit = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+              "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "-m", "distillery"]
 
-    done = head.run(*submit, *job, cwd=REPO)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "succeeded" in done.stdout + done.stderr
-    assert json.loads((out / "distillery_init.json").read_text())["vocab_size"] <= 300
+    denied = head.run(*submit, "prepare", str(cfg), f"model.path={tiny_teacher}", auth=False, cwd=REPO, timeout=120)
+    assert denied.returncode != 0 and "token" in (denied.stdout + denied.stderr).lower()
+    assert not root.exists()
+
+    stages = [
+        ("prepare", [f"model.path={tiny_teacher}"]),
+        ("finetune", [f"model.path={tiny_teacher}", f"output_dir={root / 'teacher'}"]),
+        ("cache-teacher", [f"model.teacher={root / 'teacher'}"]),
+        ("distill", [f"model.path={tiny_student}", f"model.teacher={root / 'teacher'}", "distill.teacher_mode=cached",
+                     f"output_dir={root / 'student'}"]),
+        ("eval", [f"model.teacher={root / 'teacher'}"]),
+    ]
+    for stage, overrides in stages:
+        done = head.run(*submit, stage, str(cfg), *overrides, cwd=REPO, timeout=600)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0 and "succeeded" in out, f"{stage}:\n{out[-4000:]}"
+
+    manifest = json.loads((root / "data" / "manifest.json").read_text())
+    cache = json.loads((root / "data" / "teacher_cache" / "cache_manifest.json").read_text())
+    assert cache["fingerprint"] == manifest["fingerprint"] and cache["teacher"]["path"] == str(root / "teacher")
+    for run, stage in ((root / "teacher", "finetune"), (root / "student", "distill")):
+        summary = json.loads((run / "run.json").read_text())
+        assert summary["stage"] == stage and summary["metrics"]["step"] == 4
+        assert (run / "model" / "config.json").exists()
+    report = json.loads((root / "eval" / "metrics.json").read_text())
+    assert [m["name"] for m in report["models"]] == ["teacher", "student"] and report["examples"] == 8
+    assert "teacher_kl" in report["models"][1]
     listed = head.run(str(BIN / "ray"), "job", "list", "--address", head.dashboard, timeout=60)
-    assert "SUCCEEDED" in listed.stdout
+    assert listed.stdout.count("SUCCEEDED") >= len(stages)
 
 
 @pytest.mark.timeout(600)
