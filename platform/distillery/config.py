@@ -363,7 +363,9 @@ class EvalConfig(Section):
 
 
 class Config(Section):
-    output_dir: str = Field("runs/default", description="Run directory: resolved config, metrics, checkpoints, model.")
+    output_dir: str = Field(
+        "runs/default", description="Run directory: resolved config, metrics, checkpoints, model. Left at its default, finetune and distill each write to `<output_dir>/<stage>` (prepared data stays in `<output_dir>/data`)."
+    )
     seed: int = Field(0, description="Seed for data splits, augmentation, initialisation and sampling.")
     data: DataConfig = Field(default_factory=DataConfig, description="Corpora and how they are prepared.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model paths.")

@@ -46,7 +46,7 @@ def kv_delete_prefix(prefix: bytes, namespace: str) -> None:
 # dead, which only the raw GCS table has.
 # Public replacement: `ray.util.state.list_placement_groups` (needs the dashboard, and reports no
 # creator) or `ray.util.placement_group_table()` (no creator either). Covered by
-# tests/integration/test_tune.py (test_orphaned_placement_groups_are_removed).
+# tests/integration/test_tune.py (test_placement_group_of_a_killed_owner_is_removed).
 
 
 def orphaned_placement_groups() -> list[Any]:

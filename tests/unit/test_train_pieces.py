@@ -318,3 +318,23 @@ def test_a_run_directory_resumes_only_its_own_run(tmp_path, prepared_tiny, tiny_
     assert check_resume(load_config(overrides=base + ["train.lr=3e-3", "train.resume=fresh"]), FINETUNE) == "fresh"
     assert not (run / "ray").exists() and not (run / "metrics.jsonl").exists() and not (run / "model").exists()
     assert (run / "run_identity.json").exists()
+
+
+def test_training_stages_get_their_own_default_run_directory(tmp_path):
+    """Left at its default, output_dir is per stage for finetune and distill (no run resumes
+    another stage's checkpoints by default), while the prepared data and teacher cache stay where
+    prepare and cache-teacher put them; an output_dir the config names is used as it is."""
+    from distillery.distill.method import DISTILL
+    from distillery.train.finetune import FINETUNE
+    from distillery.train.run import with_run_dir
+
+    cfg = load_config()
+    ft, kd = with_run_dir(cfg, FINETUNE), with_run_dir(cfg, DISTILL)
+    assert (ft.output_dir, kd.output_dir) == ("runs/default/finetune", "runs/default/distill")
+    assert ft.prepared_dir == kd.prepared_dir == cfg.prepared_dir == "runs/default/data"
+    assert kd.teacher_cache_dir == cfg.teacher_cache_dir
+    named = load_config(overrides=[f"output_dir={tmp_path}"])
+    assert with_run_dir(named, DISTILL).output_dir == str(tmp_path)
+    yaml_named = tmp_path / "c.yaml"
+    yaml_named.write_text("output_dir: runs/x\n")
+    assert with_run_dir(load_config(str(yaml_named)), FINETUNE).output_dir == "runs/x"

@@ -101,8 +101,23 @@ def _count_rows(cfg: Config) -> int:
     return read_split(cfg.prepared_dir, "train", ["row_id"]).count()
 
 
+def with_run_dir(cfg: Config, method: TrainingMethod) -> Config:
+    """The run directory of a training stage: `output_dir` as the config gives it, or, when the
+    config leaves it at its default, `<output_dir>/<stage>`, so that a finetune and a distill run with
+    default settings never share (and resume) one directory. The prepared data and the teacher cache
+    keep their default places under the default `output_dir`."""
+    if "output_dir" in cfg.model_fields_set:
+        return cfg
+    return cfg.model_copy(update={
+        "output_dir": os.path.join(cfg.output_dir, method.name),
+        "data": cfg.data.model_copy(update={"prepared": cfg.prepared_dir}),
+        "distill": cfg.distill.model_copy(update={"cache": cfg.teacher_cache_dir}),
+    })
+
+
 def run_training(cfg: Config, method: TrainingMethod) -> int:
     """Run `method` to completion (or resume it) and write `run.json`; returns an exit code."""
+    cfg = with_run_dir(cfg, method)
     validate_training(cfg, method)
     if check_resume(cfg, method) == "fresh":
         print(f"{method.name}: train.resume=fresh: removed the previous run's checkpoints, metrics and model in {cfg.output_dir}", flush=True)
