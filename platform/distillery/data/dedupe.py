@@ -14,7 +14,6 @@ from functools import lru_cache
 
 import numpy as np
 
-_MASK61 = np.uint64((1 << 61) - 1)
 _POLY = np.uint64(0x100000001B3)  # FNV-style multiplier for the rolling shingle hash
 EXACT_BAND = 0x7FFF  # band number of the exact key (LSH bands are 0..b-1); keys stay positive int64
 
