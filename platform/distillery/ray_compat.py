@@ -11,6 +11,8 @@ module for the key-value store or the placement-group table must not pull in Ray
 from __future__ import annotations
 
 import importlib
+import json
+import os
 from typing import Any
 
 # --------------------------------------------------------------------------- internal key-value store
@@ -104,6 +106,30 @@ def drop_noise_from_worker_logs(noise: tuple[str, ...] = NOISE) -> bool:
             dispatcher.handlers = [(n, filtered if h is handle else h) for n, h in dispatcher.handlers]
         return True
     return False
+
+
+# --------------------------------------------------------------------------- Ray Train's checkpoint registry
+# Why: a worker killed between writing a checkpoint and the controller registering it leaves a
+# checkpoint directory Ray Train never learns of, so `CheckpointConfig(num_to_keep)` never deletes
+# it (three kills left five directories where two were to be kept). Which directories are registered
+# is only in the controller's snapshot file beside them.
+# Public replacement: Ray Train deleting unregistered checkpoint directories itself, or a public
+# listing of a run's checkpoints. Covered by tests/integration/test_distill.py
+# (test_three_worker_kills_at_random_steps_change_nothing).
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def registered_checkpoints(storage: str | os.PathLike[str]) -> set[str] | None:
+    """Names of the checkpoint directories Ray Train has registered in a run's storage
+    (`<storage_path>/<name>`), or None when its snapshot is missing or unreadable."""
+    path = os.path.join(storage, CHECKPOINT_SNAPSHOT)
+    try:
+        with open(path, encoding="utf-8") as f:
+            snapshot = json.load(f)
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- Ray Serve LLM internals

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
 from distillery.models.load import model_config
 from distillery.models.plan import check_method
+from distillery.ray_compat import registered_checkpoints
 from distillery.runtime import ensure_ray
 from distillery.train.identity import check_resume
 from distillery.train.loop import EvaluationGate, train_loop_per_worker
@@ -97,6 +99,18 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
     )
 
 
+def remove_unregistered_checkpoints(storage: Path) -> int:
+    """Delete checkpoint directories Ray Train never registered (a killed worker's last one), which
+    `train.keep_checkpoints` cannot prune; returns how many. Call after the run has ended."""
+    registered = registered_checkpoints(storage)
+    if registered is None or not storage.is_dir():
+        return 0
+    orphans = [p for p in storage.iterdir() if p.is_dir() and p.name.startswith("checkpoint_") and p.name not in registered]
+    for p in orphans:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(orphans)
+
+
 def _count_rows(cfg: Config) -> int:
     return read_split(cfg.prepared_dir, "train", ["row_id"]).count()
 
@@ -127,6 +141,7 @@ def run_training(cfg: Config, method: TrainingMethod) -> int:
     t0 = time.time()
     try:
         result = build_trainer(cfg, method).fit()
+        remove_unregistered_checkpoints(Path(cfg.output_dir).resolve() / "ray" / "train")
     finally:
         if started:
             import ray

@@ -33,7 +33,7 @@ from distillery.runtime import ensure_ray
 from distillery.train.finetune import FINETUNE
 from distillery.train.identity import check_resume
 from distillery.train.method import TrainingMethod
-from distillery.train.run import build_trainer, validate_training
+from distillery.train.run import build_trainer, remove_unregistered_checkpoints, validate_training
 from distillery.tune.leaderboard import leaderboard_rows, tune_dir, write_csv, write_plots
 from distillery.tune.janitor import placement_group_janitor, remove_orphaned_placement_groups
 from distillery.tune.rung_gate import RungGate, decision_callback, rung_evaluations
@@ -97,6 +97,7 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
     check_resume(cfg, method)  # a restored search resumes each trial only into its own run
     trainer = build_trainer(cfg, method, callbacks=[TuneReportCallback()], gate=gate)
     trainer.fit()
+    remove_unregistered_checkpoints(Path(cfg.output_dir).resolve() / "ray" / "train")
 
 
 def _concurrency(cfg: Config) -> int:
