@@ -3,8 +3,9 @@
 Used by `distillery finetune`, `distillery distill` (through their `TrainingMethod`, train/method.py)
 and by every `distillery tune` trial.
 The run directory (`output_dir`) gets `config.yaml`, `metrics.jsonl`, `model/`, `run.json`,
-and Ray Train's own storage (`ray/`, checkpoints) — re-running with the same `output_dir`
-resumes from the last checkpoint. For multi-node runs `output_dir` must be shared storage.
+`run_identity.json` and Ray Train's own storage (`ray/`, checkpoints). Re-running the same run
+with the same `output_dir` resumes from the last checkpoint; another run there is refused
+(train/identity.py). For multi-node runs `output_dir` must be shared storage.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
+from distillery.files import write_text_atomic
 from distillery.models.load import model_config
 from distillery.models.plan import check_method
 from distillery.ray_compat import registered_checkpoints
@@ -157,9 +159,7 @@ def run_training(cfg: Config, method: TrainingMethod) -> int:
         "seconds": round(time.time() - t0, 1),
         "metrics": metrics,
     }
-    tmp = out / "run.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / "run.json")
+    write_text_atomic(out / "run.json", json.dumps(summary, indent=2, default=str))
     print(
         f"{method.name}: finished in {summary['seconds']:.0f}s; val_loss {metrics.get('val_loss', float('nan')):.4f}; "
         f"model {summary['model']}; metrics {out / 'metrics.jsonl'}",
