@@ -234,3 +234,35 @@ def test_a_malformed_csv_row_is_quarantined_alone(tmp_path):
     ]
     assert "2 fields where the header has 3 (instruction, output, label)" in records[1][3]
     assert records[1][2] == "bad,row"
+
+
+@pytest.mark.parametrize("near_by, copies", [("row", [3]), ("prompt", [2, 3])])
+def test_near_by_setting_through_ingest_and_the_bucket_pass(tmp_path, tiny_teacher, near_by, copies):
+    """`data.dedupe.near_by` end to end through pass 1 (ingest_chunk on a real file) and pass 2
+    (duplicates_in_bucket on the key files it wrote), without Ray: with `row` a templated row is a
+    near copy only when its answer matches too; with `prompt` the prompt alone decides."""
+    import json
+
+    from distillery.config import DedupeConfig
+    from distillery.data.context import IngestContext
+    from distillery.data.duplicates import duplicates_in_bucket
+    from distillery.data.ingest import UID_LINE_BITS, ingest_chunk
+    from distillery.data.read import index_file
+
+    instruction = ("You are a careful unit converter. Convert the quantity below to metric units and answer with the "
+                   "number and the unit only, rounded to one decimal place, without any explanation or extra words.")
+    path = tmp_path / "rows.jsonl"
+    rows = [("12 miles", "19.3 km"), ("13 miles", "20.9 km"), ("12 mile", "19.3 km")]
+    path.write_text("".join(json.dumps({"instruction": instruction, "input": i, "output": o}) + "\n" for i, o in rows))
+    tmp = tmp_path / "tmp"
+    for d in ("quarantine", "_stats"):
+        (tmp / d).mkdir(parents=True)
+    ctx = IngestContext(tokenizer=str(tiny_teacher), chat_template=None, seed=0, tmp=str(tmp), min_length=1, max_length=512,
+                        window=None, packing=False, dedupe=DedupeConfig(near_by=near_by), buckets=1, keep_messages=False)
+    (start, end, first), = index_file(str(path)).chunks
+    chunk = {"source_idx": 0, "file_idx": 0, "source": "s", "format": "instruction", "file": str(path),
+             "start": start, "end": end, "first_line": first}
+    ingest_chunk({k: np.array([v]) for k, v in chunk.items()}, ctx)
+    found = duplicates_in_bucket({"bucket": np.array([0])}, root=str(tmp / "_keys"), threshold=0.85, num_perm=64)
+    lines = sorted(int(u) & ((1 << UID_LINE_BITS) - 1) for u in found["uid"])
+    assert lines == copies and set(found["kind"]) == {"near"}
