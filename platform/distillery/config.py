@@ -5,7 +5,7 @@ overridden from the command line (`train.lr=3e-5 data.sources.0.weight=0.7`) and
 before Ray starts, so that a typo fails in a second, naming the key and the file, rather
 than an hour into a cluster job.
 
-Nothing in here imports another part of the package (docs/architecture.md, "Layers").
+Nothing in here imports another part of the package but files.py, its layer-0 neighbour (docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from distillery.files import write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -605,7 +607,5 @@ def write_resolved(cfg: Config, run_dir: str | os.PathLike[str]) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "config.yaml"
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, target)
+    write_text_atomic(target, cfg.to_yaml())
     return target

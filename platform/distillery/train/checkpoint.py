@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from distillery.config import Config
+from distillery.files import write_text_atomic
 from distillery.models.load import load_causal_lm, resolve_model_dir
 from distillery.models.plan import ParamPlan
 from distillery.train.parallel import unwrap
@@ -126,10 +127,7 @@ class MetricsLog:
         if self.enabled and os.path.exists(self.path):
             # Records past the restored step came from an attempt that did not reach its next checkpoint.
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
