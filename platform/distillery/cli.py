@@ -3,6 +3,7 @@
     distillery config CONFIG [key=value ...]        print the resolved config
     distillery config --explain                     every key with its type, default and meaning
     distillery prepare CONFIG [key=value ...]       corpus files -> prepared splits (Ray Data)
+    distillery generate CONFIG ...                  the teacher answers prompts: training rows + its logprobs (vLLM)
     distillery cache-teacher CONFIG ...             teacher top-k logprobs, computed once
     distillery finetune CONFIG ...                  SFT on Ray Train (full / lora / freeze)
     distillery distill CONFIG ...                   teacher -> student distillation on Ray Train
@@ -30,6 +31,7 @@ EXIT_CONFIG = 2  # bad config, bad arguments or missing inputs: nothing ran
 # Inputs each stage needs on disk before any Ray work starts.
 STAGE_INPUTS: dict[str, list[str]] = {
     "prepare": ["data.sources", "data.augment"],
+    "generate": ["generate.sources", "generate.teacher"],
     "cache-teacher": ["data.prepared", "model.teacher"],
     "finetune": ["data.prepared", "model.path"],
     "distill": ["data.prepared", "model.path"],
@@ -45,6 +47,10 @@ def _stage_runner(stage: str) -> Callable[[Config], int]:
         from distillery.data.prepare import run_prepare
 
         return run_prepare
+    if stage == "generate":
+        from distillery.distill.generate import run_generate
+
+        return run_generate
     if stage == "cache-teacher":
         from distillery.distill.teacher_cache import run_cache_teacher
 
@@ -91,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for stage, text in [
         ("prepare", "stream, validate, clean, augment, mix and split corpora (Ray Data)"),
+        ("generate", "have the teacher answer prompts: training rows plus its top-k logprobs (Ray Data + vLLM)"),
         ("cache-teacher", "run the teacher once and store its top-k logprobs"),
         ("finetune", "fine-tune on Ray Train: full, LoRA or layer freezing"),
         ("distill", "distil a frozen teacher into a student on Ray Train"),

@@ -36,8 +36,8 @@ class Section(BaseModel):
 
 class SourceConfig(Section):
     path: str = Field(description="A file, glob or directory of JSONL / Parquet / CSV files, local or any fsspec URI.")
-    format: Literal["instruction", "text", "chat"] = Field(
-        "instruction", description="Row shape: instruction/input/output triples, plain `text`, or chat `messages`."
+    format: Literal["instruction", "text", "chat", "prompts"] = Field(
+        "instruction", description="Row shape: instruction/input/output triples, plain `text`, chat `messages`, or `prompts` ({prompt, reference?, task?, metric?}: unanswered prompts, for `generate.sources` only)."
     )
     weight: float = Field(1.0, gt=0, description="Relative share of this source in the mixed training set.")
     name: str | None = Field(None, description="Short name used in the manifest and mix report; defaults to the file stem.")
@@ -127,18 +127,51 @@ class DataConfig(Section):
             raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length}): every row would be filtered out")
         return self
 
+    @field_validator("sources")
+    @classmethod
+    def _no_prompt_files(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        for i, s in enumerate(sources):
+            if s.format == "prompts":
+                raise ValueError(
+                    f"entry {i} ('{s.display_name}') has format `prompts`: prompts have no answers to train on; list it under "
+                    f"generate.sources, run `distillery generate CONFIG` first, then add its generated.jsonl here with format `chat`"
+                )
+        return sources
+
 
 # --------------------------------------------------------------------------- model / method
+
+
+class TeacherConfig(Section):
+    path: str = Field(description="A teacher: a Hugging Face directory or a run directory.")
+    weight: float = Field(1.0, gt=0, description="Relative weight of this teacher's probabilities in the mixture target.")
 
 
 class ModelConfig(Section):
     path: str | None = Field(None, description="The model being trained (the student in distillation): a Hugging Face directory.")
     teacher: str | None = Field(None, description="The frozen teacher for distillation: a Hugging Face directory or a run directory.")
+    teachers: list[TeacherConfig] = Field(
+        default_factory=list, description="Several frozen teachers instead of `teacher` (same tokenizer and vocabulary): the target is the weighted mixture of their probabilities."
+    )
     tokenizer: str | None = Field(None, description="Tokenizer directory when it differs from `path`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype: `auto` is bf16 on GPU and fp32 on CPU (faster there)."
     )
     attn_implementation: str | None = Field(None, description="transformers attention kernel the student (and an online teacher) load with, e.g. `sdpa`, `eager`; default is the library's. Attention-map distillation always uses `eager`.")
+
+    @model_validator(mode="after")
+    def _one_way_to_name_teachers(self) -> "ModelConfig":
+        if self.teacher and self.teachers:
+            raise ValueError("set teacher or teachers, not both: which one would teach?")
+        return self
+
+    @property
+    def teacher_specs(self) -> list[tuple[str, float]]:
+        """Every teacher as (path, weight), weights summing to 1: `teachers`, else `teacher` at weight 1, else []."""
+        if self.teachers:
+            total = sum(t.weight for t in self.teachers)
+            return [(t.path, t.weight / total) for t in self.teachers]
+        return [(self.teacher, 1.0)] if self.teacher else []
 
 
 class LoraConfig(Section):
@@ -193,9 +226,15 @@ class DistillConfig(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KD term: total = alpha·KD + (1 − alpha)·CE.")
     beta: float = Field(0.5, ge=0, le=1, description="Mixture weight of the generalised JSD (0 → forward KL, 1 → reverse KL).")
     teacher_mode: Literal["online", "cached"] = Field("online", description="Run the teacher each step, or read its top-k logprobs from a cache.")
-    top_k: int = Field(64, ge=1, description="Teacher logprobs kept per position in the cache.")
+    top_k: int = Field(4, ge=1, description="Teacher logprobs kept exactly per position in the cache (the head); with cache_samples > 0 the tail beyond them is sampled.")
+    cache_samples: int = Field(
+        4, ge=0, le=255, description="Draws per position from the teacher's distribution outside the top-k head (stored as unique ids with counts), so the cached target is unbiased at cache_sample_temperature; 0 keeps the plain, renormalised top-k. The defaults store at most 40 B per target position (1% of dense fp16 at a 2,048 vocabulary)."
+    )
+    cache_sample_temperature: float | None = Field(
+        None, gt=0, description="Temperature of the teacher distribution the cache's tail is drawn from; default `temperature`. The cached target is exact in expectation at this temperature and consistent (self-normalised importance weights) at others, with bounded weights below it: set it to the highest temperature the cache will train at (e.g. the top of a tuned range)."
+    )
     cache: str | None = Field(None, description="Teacher cache directory; default `<prepared>/teacher_cache`.")
-    keep_tail: bool = Field(False, description="Keep the teacher's mass outside the top-k as one extra bucket instead of renormalising.")
+    keep_tail: bool = Field(False, description="Keep the teacher's mass outside the top-k as one extra bucket instead of renormalising (plain top-k caches only: needs cache_samples 0).")
     chunk_size: int | None = Field(
         None, ge=1, description="Positions per chunk of the KD loss (bounds the B×T×V softmax memory); default 2^22 / vocabulary (128 at 32k, 32 at 128k), fewer, down to 2^21 / vocabulary, for batches under 32 chunks; at least 256 when fused with the lm_head."
     )
@@ -217,6 +256,16 @@ class DistillConfig(Section):
     def _hidden_needs_online_teacher(self) -> "DistillConfig":
         if self.hidden is not None and self.teacher_mode == "cached":
             raise ValueError("hidden-state distillation needs the teacher's hidden states: use teacher_mode online")
+        if self.keep_tail and self.cache_samples > 0:
+            raise ValueError(
+                f"keep_tail and cache_samples ({self.cache_samples}) do not combine: the sampled tail already stands for the "
+                f"teacher's mass outside the top-k; set distill.cache_samples=0 to keep the tail as one bucket instead"
+            )
+        if self.cache_backend == "vllm" and self.cache_samples > 0:
+            raise ValueError(
+                f"cache_backend vllm cannot sample the teacher's tail (cache_samples {self.cache_samples}): vLLM reports only "
+                f"the top-k prompt logprobs; use distill.cache_backend=hf (or auto), or distill.cache_samples=0 for a plain top-k cache"
+            )
         end = self.temperature_schedule.end
         if end is not None and end <= 0:
             raise ValueError(f"temperature_schedule.end must be above 0 (the logits are divided by it), got {end}")
@@ -361,6 +410,71 @@ class EvalConfig(Section):
     output: str | None = Field(None, description="Report directory; default `<output_dir>/eval`.")
 
 
+# --------------------------------------------------------------------------- generate
+
+
+class GenerateConfig(Section):
+    sources: list[SourceConfig] = Field(
+        default_factory=list,
+        description="Prompt files the teacher completes: format `prompts` ({prompt, reference?, task?, metric?}), `instruction` (an `output`, when present, is the reference) or `chat` (ending with a user turn; a final assistant turn is the reference).",
+    )
+    output: str | None = Field(None, description="Output directory (generated.jsonl, teacher_logprobs/, generate_manifest.json); default `<output_dir>/generated`.")
+    teacher: str | None = Field(None, description="The model that answers: a Hugging Face directory or a run directory; default: model.teacher, or the one entry of model.teachers.")
+    n: int = Field(1, ge=1, description="Samples per prompt.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 is greedy decoding (then n must be 1).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: sample from the smallest set of tokens holding this much probability.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per sample; an answer cut off here has finish reason `length`.")
+    seed: int | None = Field(None, description="Seed of the sampling; default: the top-level seed. Each sample's seed is derived from it, the prompt and the sample index, so a re-run reproduces it whatever the batching.")
+    top_k: int | None = Field(None, ge=1, description="Teacher logprobs stored per position of each kept sample (for cached KD); default: distill.top_k; at most the teacher's vocabulary.")
+    actors: int = Field(1, ge=1, description="Teacher replicas (Ray Data actors), one vLLM engine each (one GPU each with train.use_gpu).")
+    batch_size: int = Field(64, ge=1, description="Prompts per actor batch: the batch's n samples per prompt go to the engine in one call (continuous batching).")
+    drop_empty: bool = Field(True, description="Drop samples whose answer has no letter or digit (an answer with no text at all is always dropped: prepare would quarantine it).")
+    drop_truncated: bool = Field(
+        True, description="Drop samples cut off by max_new_tokens (finish reason `length`) or longer than data.max_length once rendered (prepare would truncate them); when false they are kept, truncated as prepare truncates."
+    )
+    max_repeat_fraction: float | None = Field(
+        0.5, gt=0, le=1, description="Drop samples whose share of repeated `repeat_ngram`-grams (of words; CJK characters count as words) is above this: degenerate repetition (null: no repetition filter)."
+    )
+    repeat_ngram: int = Field(4, ge=1, description="n-gram size of the repetition filter.")
+    accept: Literal["all", "reference"] = Field(
+        "all", description="`reference`: rejection sampling, keep only samples whose answer agrees with the row's reference (rows without one are quarantined); `all`: keep every sample the filters pass."
+    )
+    metric: Literal["exact_match", "f1", "accuracy", "contains", "regex"] = Field(
+        "exact_match", description="With accept: reference, the task metric (distillery.data.answers) for rows that name no `metric` of their own."
+    )
+    min_score: float = Field(1.0, gt=0, le=1, description="With accept: reference, the score at or above which an answer agrees with its reference (f1 gives partial scores).")
+
+    @model_validator(mode="after")
+    def _settings_that_act(self) -> "GenerateConfig":
+        for i, s in enumerate(self.sources):
+            if s.format == "text":
+                raise ValueError(f"sources.{i} ('{s.display_name}') has format `text`: plain text has no prompt to answer; use `prompts`, `instruction` or `chat`")
+            if s.weight != 1.0:
+                raise ValueError(
+                    f"sources.{i}.weight: every prompt is completed; weights mix sources in `prepare`: set it on the data.sources entry that reads generated.jsonl"
+                )
+        names = [s.display_name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources: names must be unique, as each sample's provenance records its source; got {names}; set `name`")
+        if self.temperature == 0:
+            if self.n > 1:
+                raise ValueError(f"n is {self.n} with temperature 0: greedy decoding gives the same answer every time; set n: 1 or a temperature above 0")
+            if self.top_p < 1:
+                raise ValueError("top_p is set with temperature 0: greedy decoding samples nothing; set a temperature above 0 or leave top_p at 1")
+            if self.seed is not None:
+                raise ValueError("seed is set with temperature 0: greedy decoding samples nothing; set a temperature above 0 or leave seed unset")
+        # Compared with the defaults rather than with the keys given: a resolved config (config.yaml)
+        # spells out every default and must load again.
+        defaults = GenerateConfig.model_fields
+        if self.accept == "all":
+            for key in ("metric", "min_score"):
+                if getattr(self, key) != defaults[key].default:
+                    raise ValueError(f"{key} is set with accept: all, which checks no reference; set accept: reference")
+        if self.max_repeat_fraction is None and self.repeat_ngram != defaults["repeat_ngram"].default:
+            raise ValueError("repeat_ngram is set with max_repeat_fraction: null, which turns the repetition filter off")
+        return self
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -377,6 +491,7 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig, description="Ray Tune search.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve + vLLM endpoint.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Task metrics and comparison report.")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher-generated training data (sequence-level KD): `distillery generate`.")
 
     @field_validator("output_dir")
     @classmethod
@@ -393,6 +508,25 @@ class Config(Section):
     @property
     def teacher_cache_dir(self) -> str:
         return self.distill.cache or os.path.join(self.prepared_dir, "teacher_cache")
+
+    @property
+    def generated_dir(self) -> str:
+        return self.generate.output or os.path.join(self.output_dir, "generated")
+
+    def generation_teacher(self) -> tuple[str, str]:
+        """(path, key naming it) of the model `distillery generate` samples from: generate.teacher,
+        else the one teacher of the model section; a ConfigError when none or several are named."""
+        if self.generate.teacher:
+            return self.generate.teacher, "generate.teacher"
+        specs = self.model.teacher_specs
+        if not specs:
+            raise ConfigError("generate.teacher: not set, and model has no teacher to default to; name the model that answers the prompts")
+        if len(specs) > 1:
+            raise ConfigError(
+                f"generate.teacher: model.teachers names {len(specs)} teachers; set generate.teacher to the one that answers the prompts "
+                f"(a mixture has no single sample to generate)"
+            )
+        return specs[0][0], "model.teachers.0.path" if self.model.teachers else "model.teacher"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False, allow_unicode=True)
@@ -507,7 +641,7 @@ def check_paths(cfg: Config, keys: list[str]) -> None:
     """Fail before any Ray work when a local input named by `keys` does not exist.
 
     `keys` are dotted names: `data.sources`, `model.path`, `model.teacher`, `serve.models`,
-    `data.augment`. URIs (s3://, gs://, ...) are left to the reader that opens them.
+    `data.augment`, `generate.sources`, `generate.teacher` (the model `generate` samples from). URIs (s3://, gs://, ...) are left to the reader that opens them.
     """
     missing: list[str] = []
 
@@ -537,6 +671,9 @@ def check_paths(cfg: Config, keys: list[str]) -> None:
                 missing.append("serve.models: nothing to serve")
             for i, m in enumerate(cfg.serve.models):
                 need(f"serve.models.{i}.path", m.path)
+        elif key == "model.teacher" and cfg.model.teachers:
+            for i, t in enumerate(cfg.model.teachers):
+                need(f"model.teachers.{i}.path", t.path)
         elif key.startswith("model."):
             field = key.split(".", 1)[1]
             value = getattr(cfg.model, field)
@@ -545,6 +682,14 @@ def check_paths(cfg: Config, keys: list[str]) -> None:
             need(key, value)
         elif key == "data.prepared":
             need("data.prepared", cfg.prepared_dir)
+        elif key == "generate.sources":
+            if not cfg.generate.sources:
+                missing.append("generate.sources: no prompt files given")
+            for i, s in enumerate(cfg.generate.sources):
+                need(f"generate.sources.{i}.path", s.path, "glob")
+        elif key == "generate.teacher":
+            path, named_by = cfg.generation_teacher()
+            need(named_by, path)
         else:
             raise KeyError(f"check_paths does not know '{key}'")
     if missing:

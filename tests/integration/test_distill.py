@@ -95,6 +95,38 @@ def test_cached_with_full_vocabulary_equals_online(prepared_tiny, trained_teache
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(grads[0][1:], grads[1][1:]))
 
 
+def test_two_online_teachers_train_on_their_mixture(tmp_path, prepared_tiny, trained_teacher, tiny_teacher, tiny_student):
+    """model.teachers: the objective's KD target is the weighted mixture of both teachers, and a
+    Ray Train run with two online teachers trains and records both in its identity."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM
+
+    from distillery.distill.losses import distill_loss
+    from distillery.distill.mixture import mixture_logits
+    from distillery.train.collate import collate
+
+    rows = pq.read_table(next((Path(prepared_tiny) / "train").glob("*.parquet"))).slice(0, 4).to_pydict()
+    batch = collate({k: rows[k] for k in ("input_ids", "labels", "row_id")}, pad_id=0)
+    student = AutoModelForCausalLM.from_pretrained(tiny_student)
+    teachers = [f"model.teachers=[{{path: {trained_teacher}, weight: 3}}, {{path: {tiny_teacher}, weight: 1}}]"]
+    cfg = load_config(overrides=[f"model.path={tiny_student}", *teachers, "distill.temperature=2.0", "distill.alpha=0.6", "train.strategy=none"])
+    loss, metrics = DistillObjective(cfg, None, student, torch.device("cpu"))(student, batch)
+    with torch.no_grad():
+        z = [AutoModelForCausalLM.from_pretrained(Path(p) / "model" if (Path(p) / "model").is_dir() else p)(
+             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for p in (trained_teacher, tiny_teacher)]
+    out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = distill_loss(out, mixture_logits(z, [0.75, 0.25], 2.0), batch["labels"], kind="forward_kl", temperature=2.0, alpha=0.6)
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert metrics["kd_loss"] == pytest.approx(expected.kd.item(), rel=1e-5)
+
+    run = tmp_path / "multi"
+    assert run_distill(load_config(overrides=_overrides(run, prepared_tiny, f"model.path={tiny_student}", *teachers,
+                                                        "train.max_steps=4", "distill.teacher_mode=online"))) == 0
+    assert (run / "model" / "config.json").exists()
+    identity = json.loads((run / "run_identity.json").read_text())
+    assert identity["teacher_source"] == "online" and len(identity["teacher"]) == 64
+
+
 @pytest.mark.timeout(1200)
 def test_distilled_student_is_closer_to_the_teacher_than_sft(tmp_path, prepared_tiny, trained_teacher, tiny_student):
     common = [f"model.path={tiny_student}", f"model.teacher={trained_teacher}", "train.max_steps=40", "train.eval_every=20"]

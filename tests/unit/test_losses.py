@@ -342,3 +342,130 @@ def test_default_chunk_keeps_a_chunk_at_a_fixed_size():
     auto = distill_loss(s, t, y, kind="jsd", chunk_size=None).loss
     assert torch.allclose(auto, distill_loss(s, t, y, kind="jsd", chunk_size=3).loss, atol=1e-6)
     assert math.isclose(teacher_entropy(t, y).item(), teacher_entropy(t, y, chunk_size=4).item(), rel_tol=1e-6)
+
+
+# --------------------------------------------------------------------------- sampled teacher cache
+
+
+def _sampled_teacher(t_logits: torch.Tensor, k: int, m: int, seed: int, pad: int = 0, S: float = 1.0) -> SparseTeacher:
+    """A sampled cache of t_logits (..., V) as collation gives it: the top-k head, then m draws with
+    replacement from p^(1/S) outside it; a repeated draw becomes a padding slot (count −1, the
+    position's first id, logprob 0) and its first occurrence carries the run length; `pad` extra
+    padding slots."""
+    shape, V = t_logits.shape[:-1], t_logits.shape[-1]
+    logp = torch.log_softmax(t_logits.double(), -1).reshape(-1, V)
+    vals, ids = logp.topk(k, -1)
+    outside = logp.scatter(-1, ids, float("-inf")) / S
+    tail = outside.logsumexp(-1)
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.multinomial((outside - tail[:, None]).exp(), m, replacement=True, generator=g).sort(-1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    runs = (draws[:, :, None] == draws[:, None, :]).sum(-1)
+    s_ids = torch.where(first, draws, ids[:, :1])
+    s_lps = torch.where(first, logp.gather(-1, draws), 0.0)
+    s_counts = torch.where(first, runs, -1)
+    n = ids.shape[0]
+    all_ids = torch.cat([ids, s_ids, ids[:, :1].expand(n, pad)], -1)
+    all_lps = torch.cat([vals, s_lps, torch.zeros(n, pad, dtype=vals.dtype)], -1)
+    counts = torch.cat([torch.zeros_like(ids), s_counts, torch.full((n, pad), -1)], -1)
+    K = all_ids.shape[-1]
+    return SparseTeacher(all_ids.reshape(*shape, K), all_lps.float().reshape(*shape, K), tail.float().reshape(shape),
+                         counts.to(torch.int16).reshape(*shape, K), S)
+
+
+def _student_grad(student, teacher, labels, temperature: float = 1.0, **kw):
+    s = student.clone().requires_grad_(True)
+    distill_loss(s, teacher, labels, kind="forward_kl", temperature=temperature, alpha=1.0, **kw).loss.backward()
+    return s.grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_cache_gradient_is_unbiased_and_top_k_is_not(temperature):
+    """Drawn at the training temperature, averaged over many sampled caches, the forward-KL gradient
+    w.r.t. the student's logits is the dense one (q_T − p_T); the plain renormalised top-k's stays
+    off by its bias, and so does its KL."""
+    from distillery.distill.losses import cached_teacher_kl
+
+    R, k, m = 2000, 3, 4
+    s, t, y = _logits(21, 1.0), _logits(22, 2.0), _labels()
+    n = int((y[:, 1:] != -100).sum())
+    dense = _student_grad(s, t, y, temperature)
+    # R replicas of the batch in one call: the loss averages over R·n positions, so summing the
+    # replicas' gradients gives the mean over caches of (q − p̂) / n, comparable with `dense`.
+    sampled = _sampled_teacher(t.repeat(R, 1, 1), k, m, seed=0, S=temperature)
+    mean_sampled = _student_grad(s.repeat(R, 1, 1), sampled, y.repeat(R, 1), temperature).reshape(R, B, T, V).sum(0)
+    top_k = _student_grad(s, _topk_teacher(t, k), y, temperature)
+    err_sampled = (mean_sampled - dense).abs().max().item()
+    err_top_k = (top_k - dense).abs().max().item()
+    assert err_top_k > 0.02, err_top_k
+    assert err_sampled < err_top_k / 10, (err_sampled, err_top_k)
+    # one cache is noisy, many are not: the error shrinks with the number of caches
+    one = _student_grad(s, _sampled_teacher(t, k, m, seed=1, S=temperature), y, temperature)
+    assert (one - dense).abs().max().item() > 3 * err_sampled
+    if temperature != 1.0:
+        return
+    # the cache-side KL (importance-sampled) is unbiased for the full KL; top-k's measures another distance
+    full_kl = distill_loss(s, t, y, kind="forward_kl", temperature=1.0).kd.item()
+    mean_kl = cached_teacher_kl(s.repeat(R, 1, 1), sampled, y.repeat(R, 1)).item() / (R * n)
+    assert mean_kl == pytest.approx(full_kl, rel=0.02)
+    assert cached_teacher_kl(s, _topk_teacher(t, k), y).item() / n != pytest.approx(full_kl, rel=0.1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+def test_sampled_cache_padding_changes_nothing_and_gives_no_nan(kind, temperature):
+    """Padding slots (repeats of the first id, count −1) carry no teacher mass and leave the student's
+    rest bucket alone: extra padding gives the same loss and gradient, finite, chunked and naive."""
+    s, t, y = _logits(23, 1.0), _logits(24), _labels()
+    kw = dict(kind=kind, temperature=temperature, alpha=0.7, beta=0.4, chunk_size=4)
+    tight = _sampled_teacher(t, 4, 6, seed=2)
+    padded = _sampled_teacher(t, 4, 6, seed=2, pad=5)
+    assert (padded.counts < 0).any() and (tight.counts < 0).any()  # repeated draws already pad
+    v1, g1 = _grads(distill_loss, s, None, None, tight, y, **kw)
+    v2, g2 = _grads(distill_loss, s, None, None, padded, y, **kw)
+    v3, g3 = _grads(naive_distill_loss, s, None, None, padded, y, **kw)
+    for v, g in ((v1, g1), (v2, g2), (v3, g3)):
+        assert torch.isfinite(v) and torch.isfinite(g[0]).all()
+    assert torch.allclose(v1, v2, rtol=1e-6, atol=1e-7) and torch.allclose(g1[0], g2[0], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(v2, v3, rtol=1e-5, atol=1e-6) and torch.allclose(g2[0], g3[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_sampled_cache_whose_support_covers_the_vocabulary_gives_no_nan(kind):
+    """Head V − 2 plus draws from the last two ids: the student's rest bucket is empty (-inf on both sides)."""
+    s, t, y = _logits(25, 1.0), _logits(26), _labels()
+    v, g = _grads(distill_loss, s, None, None, _sampled_teacher(t, V - 2, 8, seed=3, pad=2), y, kind=kind, temperature=1.5, chunk_size=5)
+    assert torch.isfinite(v) and torch.isfinite(g[0]).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_sampled_cache_with_the_whole_vocabulary_as_head_equals_dense(kind, temperature):
+    """K = V head entries (count 0) plus padding: the exact distribution, so the dense loss exactly."""
+    s, t, y = _logits(27), _logits(28), _labels()
+    full = _topk_teacher(t, V)
+    pad = 3
+    ids = torch.cat([full.ids, full.ids[..., :1].expand(B, T, pad)], -1)
+    lps = torch.cat([full.logprobs, torch.zeros(B, T, pad)], -1)
+    counts = torch.cat([torch.zeros(B, T, V, dtype=torch.int16), torch.full((B, T, pad), -1, dtype=torch.int16)], -1)
+    sparse = SparseTeacher(ids, lps, torch.full((B, T), float("-inf")), counts)
+    kw = dict(kind=kind, temperature=temperature, alpha=0.7, chunk_size=4)
+    v1, g1 = _grads(distill_loss, s, None, None, sparse, y, **kw)
+    v2, g2 = _grads(distill_loss, s, None, None, t, y, **kw)
+    assert torch.allclose(v1, v2, rtol=1e-5, atol=1e-6) and torch.allclose(g1[0], g2[0], rtol=1e-5, atol=1e-6)
+    assert math.isclose(teacher_entropy(sparse, y).item(), teacher_entropy(t, y).item(), rel_tol=1e-5)
+
+
+def test_sampled_cache_rejects_keep_tail():
+    with pytest.raises(ValueError, match="keep_tail"):
+        distill_loss(_logits(1), _sampled_teacher(_logits(2), 3, 2, seed=0), _labels(), keep_tail=True)
+
+
+def test_sampled_cache_drawn_at_one_temperature_is_consistent_at_another():
+    """Drawn at S = 2, trained at T = 1 (bounded importance weights p^(1/2)): with many draws per
+    position the self-normalised target approaches the dense one."""
+    s, t, y = _logits(29, 1.0), _logits(30, 2.0), _labels()
+    dense = _student_grad(s, t, y, 1.0)
+    many = _student_grad(s, _sampled_teacher(t, 3, 1000, seed=4, S=2.0), y, 1.0)
+    assert (many - dense).abs().max().item() < 0.005  # the plain top-3 is about 0.025 off

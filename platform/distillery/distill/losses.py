@@ -68,25 +68,31 @@ def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: Los
     """Per-position divergence between two categorical distributions given as log-probabilities.
 
     teacher_logp: (n, C) log p; entries may be -inf (zero teacher mass, e.g. outside a top-k).
-    student_logq: (n, C) log q, finite.
+    student_logq: (n, C) log q; -inf only where teacher_logp is -inf too (a masked entry, e.g. the
+                  padding of a sampled cache's rows).
     Returns (n,) float32. Terms with p = 0 contribute 0 (0·log 0 = 0); reverse KL with p = 0
     where q > 0 is +inf, which is why the sparse path never asks for it on such a support.
+    An entry with p = q = 0 contributes 0 to every kind, with a zero (not NaN) gradient: its
+    log-probabilities are replaced by 0 before any difference is formed (−inf − (−inf) is NaN, and
+    autograd would carry that NaN into the gradient even through a `where`).
     """
     p = teacher_logp.exp()
+    q = student_logq.exp()
     zero_p = p == 0
+    both_zero = zero_p & (q == 0)
+    teacher_logp = teacher_logp.masked_fill(both_zero, 0.0)
+    student_logq = student_logq.masked_fill(both_zero, 0.0)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0):
         return torch.where(zero_p, 0.0, p * (teacher_logp - student_logq)).sum(-1)
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
-        q = student_logq.exp()
         return (q * (student_logq - teacher_logp)).sum(-1)
     if kind == "jsd":
-        q = student_logq.exp()
         log_m = torch.logaddexp(student_logq + math.log1p(-beta), teacher_logp + math.log(beta))
         kl_pm = torch.where(zero_p, 0.0, p * (teacher_logp - log_m)).sum(-1)
         kl_qm = (q * (student_logq - log_m)).sum(-1)
         return beta * kl_pm + (1 - beta) * kl_qm
     if kind == "tvd":
-        return 0.5 * (p - student_logq.exp()).abs().sum(-1)
+        return 0.5 * (p - q).abs().sum(-1)
     raise ValueError(f"distill.loss must be one of {KINDS}, got '{kind}'")
 
 
@@ -95,16 +101,43 @@ def divergence(teacher_logp: torch.Tensor, student_logq: torch.Tensor, kind: Los
 
 @dataclass
 class SparseTeacher:
-    """A teacher known only by its top-k per position (the offline cache's form).
+    """A teacher known only by a few entries per position (the offline cache's form).
 
-    ids:      (B, T, K) int64 token ids, sorted by descending teacher logprob.
+    ids:      (B, T, K) int64 token ids: the top-k head sorted by descending teacher logprob, then
+              (with counts) the sampled tail ids, then padding.
     logprobs: (B, T, K) float teacher log-probabilities at temperature 1 (log_softmax over the
-              full vocabulary, as stored in the cache).
-    tail:     (B, T) float log of the teacher mass outside the top-k (needed when keep_tail).
+              full vocabulary, as stored in the cache), of head and sampled ids alike.
+    tail:     (B, T) float log Σ_{x outside the head} p(x)^(1/S): with S = 1 (a plain cache) the
+              teacher's mass outside the top-k (keep_tail); with counts, the normaliser of the
+              distribution the tail was drawn from.
+    counts:   (B, T, K) int or None. None: every entry is a head entry (the plain top-k cache).
+              Else, per entry: 0 = a head entry (its probability is exact), c ≥ 1 = a tail id the
+              cache drew c times, −1 = padding (no teacher mass, ignored on both sides; its id
+              repeats the position's first id so it never lands in the student's rest bucket).
+              The draws at a position, m = Σ of its positive counts, came with replacement from
+              the teacher's distribution at temperature S restricted to outside the head,
+              r(x) = p(x)^(1/S) / exp(tail).
+    sample_temperature: S, the temperature the tail was drawn at (distill.cache_sample_temperature).
     Position t predicts token t+1, as dense logits do. Values at positions whose target label is
     -100 are ignored (the cache stores nothing there; collation pads them with zeros).
 
-    How the sparse teacher becomes a distribution (the renormalisation bias):
+    With counts (a sampled cache, distill.cache_samples > 0) the target at temperature T is an
+    estimate p̂_T of p_T ∝ p^(1/T): head entries p(x)^(1/T) exactly, a drawn id the importance
+    weight (c / m) · p(x)^(1/T) / r(x) = (c / m) · exp(tail) · p(x)^(1/T − 1/S), then normalised.
+      * T = S: every drawn id gets exp(tail) · c / m, so the estimate already sums to the true
+        normaliser (the head's Σ p^(1/T) plus exp(tail)): p̂_T(x) = p_T(x) on the head, the exact
+        tempered tail mass times c / m on a drawn id. E[p̂_T] = p_T and Σ p̂_T = 1: unbiased, so the
+        forward-KL gradient w.r.t. the student's logits, q_T − p̂_T (the student keeps its full
+        softmax), is unbiased too. With S = 1 this is p on the head and tail_mass · c / m.
+      * T ≠ S: self-normalised importance weights: consistent as m grows, not unbiased. For T < S
+        the weights p^(1/T − 1/S) are bounded; for T > S they grow without bound on rare ids (drawn
+        at T = 1, a T = 2 target is very noisy: benchmarks/README.md, "Sparse teacher caches").
+      The student side is its full distribution: the support ids plus a rest bucket (its mass on
+      every other id, where the teacher estimate is 0). Reverse KL (and jsd with β = 1) would be
+      infinite there, so for those the student is restricted to the support and renormalised,
+      as for the plain top-k below.
+
+    How a plain top-k teacher (counts None) becomes a distribution (the renormalisation bias):
       * keep_tail=False: p̂ = softmax(logprobs / T) over the K ids, zero elsewhere. At T = 1 this is
         p restricted to the top-k and renormalised, i.e. every kept probability is inflated by
         1 / (top-k mass): the loss over-weights the head by exactly the missing tail mass, and
@@ -124,6 +157,32 @@ class SparseTeacher:
     ids: torch.Tensor
     logprobs: torch.Tensor
     tail: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    sample_temperature: float = 1.0
+
+
+def sampled_target_logprobs(logprobs: torch.Tensor, tail: torch.Tensor, counts: torch.Tensor, temperature: float = 1.0,
+                             sample_temperature: float = 1.0) -> torch.Tensor:
+    """log p̂_T over a sampled cache's entries (see `SparseTeacher`: head p^(1/T) exactly, a drawn
+    tail id the importance weight (c / m) · exp(tail) · p^(1/T − 1/S), then normalised).
+
+    logprobs: (n, K) stored log p at T = 1; tail: (n,) log Σ_tail p^(1/S); counts: (n, K) int
+    (−1 padding, 0 head, c ≥ 1 draws); S = sample_temperature. Returns (n, K) float32, −inf on
+    padding; each row's probabilities sum to 1 (at T = S they already do up to storage rounding:
+    normalising is then a no-op).
+    """
+    counts = counts.long()
+    draws = counts.clamp_min(0).sum(-1, keepdim=True)
+    drawn = counts > 0
+    log_w = torch.where(
+        drawn,
+        tail.float().unsqueeze(-1) + counts.clamp_min(1).float().log() - draws.clamp_min(1).float().log(),
+        logprobs.float(),
+    )
+    # head: p^(1/T); drawn: (c / m) · exp(tail) · p^(1/T − 1/S)
+    exponent = torch.where(drawn, 1.0 / temperature - 1.0 / sample_temperature, 1.0 / temperature - 1.0)
+    log_w = log_w + exponent * logprobs.float()
+    return torch.log_softmax(log_w.masked_fill(counts < 0, float("-inf")), dim=-1)
 
 
 @dataclass
@@ -149,10 +208,13 @@ def _sparse_buckets(
     kind: LossKind,
     beta: float,
     keep_tail: bool,
+    counts: torch.Tensor | None = None,
+    sample_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probabilities over the sparse teacher's support.
 
-    student_logits: (n, V); ids, logprobs: (n, K); tail: (n,) or None.
+    student_logits: (n, V); ids, logprobs: (n, K); tail: (n,) or None; counts: (n, K) or None
+    (a sampled cache drawn at `sample_temperature`, see `SparseTeacher`).
     Returns (teacher_logp, student_logq), each (n, K) or (n, K + 1) with a last "rest" bucket.
     """
     V = student_logits.shape[-1]
@@ -160,6 +222,24 @@ def _sparse_buckets(
     s = student_logits / temperature
     lse = torch.logsumexp(s, dim=-1, keepdim=True)
     s_top = s.gather(-1, ids)
+    if counts is not None:
+        if keep_tail:
+            raise ValueError("distill.keep_tail does not apply to a sampled cache (distill.cache_samples > 0): its tail is sampled")
+        if tail is None:
+            raise ValueError("a sampled teacher cache needs the teacher's tail logprob (teacher_tail_logprob)")
+        pad = counts < 0
+        teacher_logp = sampled_target_logprobs(logprobs, tail, counts, temperature, sample_temperature)
+        s_sup = s_top.masked_fill(pad, float("-inf"))
+        if kind == "reverse_kl" or (kind == "jsd" and beta == 1):
+            return teacher_logp, torch.log_softmax(s_sup, dim=-1)
+        # Padding repeats a support id, so scattering -inf at every id leaves exactly the rest.
+        rest = s.scatter(-1, ids, float("-inf"))
+        empty = rest.isneginf().all(-1, keepdim=True)  # the support covers the vocabulary
+        # logsumexp over an all -inf row has a NaN gradient: give it finite input, then -inf.
+        rest_lse = torch.where(empty, float("-inf"), torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True))
+        student_logq = torch.cat([s_sup, rest_lse], dim=-1) - lse
+        teacher_logp = torch.cat([teacher_logp, torch.full_like(teacher_logp[:, :1], float("-inf"))], dim=-1)
+        return teacher_logp, student_logq
     has_rest = K < V  # with K = V nothing is outside the top-k: no rest bucket on either side
     if not has_rest or ((kind == "reverse_kl" or (kind == "jsd" and beta == 1)) and not keep_tail):
         return torch.log_softmax(logprobs / temperature, dim=-1), torch.log_softmax(s_top, dim=-1)
@@ -211,6 +291,8 @@ def _check_shapes(student_vocab: int, teacher: Teacher) -> None:
     if isinstance(teacher, SparseTeacher):
         if teacher.ids.shape != teacher.logprobs.shape:
             raise ValueError(f"sparse teacher ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} differ in shape")
+        if teacher.counts is not None and teacher.counts.shape != teacher.ids.shape:
+            raise ValueError(f"sparse teacher ids {tuple(teacher.ids.shape)} and counts {tuple(teacher.counts.shape)} differ in shape")
         return
     check_vocab(_dense_vocab(teacher), student_vocab)
 
@@ -242,7 +324,8 @@ def _sparse_chunk_loss(
     ids = teacher.ids.reshape(-1, K).index_select(0, rows).long()
     lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
     tail = None if teacher.tail is None else teacher.tail.reshape(-1).index_select(0, rows).float()
-    t_logp, s_logq = _sparse_buckets(s_logits, ids, lp, tail, temperature, kind, beta, keep_tail)
+    counts = None if teacher.counts is None else teacher.counts.reshape(-1, K).index_select(0, rows)
+    t_logp, s_logq = _sparse_buckets(s_logits, ids, lp, tail, temperature, kind, beta, keep_tail, counts, teacher.sample_temperature)
     kd = divergence(t_logp, s_logq, kind, beta).sum() * temperature**2
     ce = F.cross_entropy(s_logits, targets, reduction="sum")
     return kd, ce
@@ -488,6 +571,7 @@ def naive_distill_loss(
             teacher.logprobs.reshape(B * T, -1).float(),
             None if teacher.tail is None else teacher.tail.reshape(-1).float(),
             temperature, kind, beta, keep_tail,
+            None if teacher.counts is None else teacher.counts.reshape(B * T, -1), teacher.sample_temperature,
         )
     else:
         with torch.no_grad():
@@ -502,13 +586,45 @@ def naive_distill_loss(
     return DistillLossOutput(loss=loss, kd=kd.detach(), ce=ce.detach(), num_tokens=n)
 
 
+def cached_teacher_kl(student_logits: torch.Tensor, teacher: SparseTeacher, labels: torch.Tensor, keep_tail: bool = False,
+                      chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """KL(teacher ‖ student) at T = 1 summed over the target positions, as far as a cache tells it;
+    a detached scalar.
+
+    student_logits: (B, T, V); teacher: (B, T, K); labels: (B, T) unshifted.
+    Sampled cache (counts): the importance-sampling estimate Σ p̂ · (log p − log q) over head and
+    drawn ids (the stored log p, not log p̂, so the entropy term is estimated too), unbiased for the
+    full KL when the tail was drawn at T = 1, consistent otherwise. Plain top-k: the KL to the renormalised top-k (or its k + 1 buckets with
+    keep_tail), another distance: a student trained on that cache looks closer than it is.
+    """
+    if teacher.counts is None:
+        out = distill_loss(student_logits.float(), teacher, labels, kind="forward_kl", temperature=1.0, alpha=1.0,
+                           keep_tail=keep_tail, chunk_size=chunk_size, ignore_index=ignore_index)
+        return out.kd * out.num_tokens
+    idx, _ = target_positions(labels, ignore_index)
+    V, K = student_logits.shape[-1], teacher.ids.shape[-1]
+    step = chunk_size or default_chunk_size(V, idx.numel())
+    total = torch.zeros((), dtype=torch.float32)
+    with torch.no_grad():
+        for i in range(0, idx.numel(), step):
+            rows = idx[i : i + step]
+            logq = torch.log_softmax(student_logits.reshape(-1, V).index_select(0, rows).float(), dim=-1)
+            ids = teacher.ids.reshape(-1, K).index_select(0, rows).long()
+            lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
+            counts = teacher.counts.reshape(-1, K).index_select(0, rows)
+            w = sampled_target_logprobs(lp, teacher.tail.reshape(-1).index_select(0, rows), counts, 1.0, teacher.sample_temperature).exp()  # 0 on padding
+            total += (w * (lp - logq.gather(-1, ids))).sum().cpu()
+    return total
+
+
 # --------------------------------------------------------------------------- dynamic weight
 
 
 def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean entropy (nats, T = 1) of the teacher over the target positions; a detached scalar.
 
-    teacher: (B, T, V) logits, TeacherHidden or SparseTeacher (entropy of the renormalised top-k).
+    teacher: (B, T, V) logits, TeacherHidden or SparseTeacher (entropy of the renormalised top-k;
+             with counts, the sampled estimate −Σ p̂ · log p of the full entropy).
     labels:  (B, T) unshifted. Computed in chunks like `distill_loss`.
     """
     idx, _ = target_positions(labels, ignore_index)
@@ -518,6 +634,14 @@ def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | No
     with torch.no_grad():
         for i in range(0, idx.numel(), chunk_size):
             rows = idx[i : i + chunk_size]
+            if isinstance(teacher, SparseTeacher) and teacher.counts is not None:
+                # sampled cache: the importance-sampling estimate −Σ p̂ · log p (unbiased for H(p))
+                K = teacher.logprobs.shape[-1]
+                lp = teacher.logprobs.reshape(-1, K).index_select(0, rows).float()
+                w = sampled_target_logprobs(lp, teacher.tail.reshape(-1).index_select(0, rows),
+                                            teacher.counts.reshape(-1, K).index_select(0, rows), 1.0, teacher.sample_temperature).exp()
+                total += -(w * lp).sum().cpu()
+                continue
             if isinstance(teacher, SparseTeacher):
                 K = teacher.logprobs.shape[-1]
                 logp = torch.log_softmax(teacher.logprobs.reshape(-1, K).index_select(0, rows).float(), dim=-1)

@@ -11,6 +11,7 @@ stream the prepared splits and run the teacher; in cached mode they stream the t
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -48,7 +49,7 @@ class Distill:
         if cfg.distill.teacher_mode == "cached":
             built_by = load_cache_manifest(cfg.teacher_cache_dir).get("teacher", {})
             return {"teacher": built_by.get("hash"), "teacher_source": "cache"}
-        return {"teacher": model_identity(cfg.model.teacher)["hash"], "teacher_source": "online"}
+        return {"teacher": teachers_identity(cfg), "teacher_source": "online"}
 
 
 DISTILL = Distill()
@@ -66,10 +67,25 @@ def validate_distill(cfg: Config) -> None:
         check_top_k(cfg.distill.top_k, int(manifest["vocab_size"]), str(manifest.get("teacher", {}).get("path", cfg.teacher_cache_dir)))
         check_vocab(int(manifest["vocab_size"]), student_vocab, teacher=f"teacher cache {cfg.teacher_cache_dir}", student=str(cfg.model.path))
         return
-    if not cfg.model.teacher:
-        raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory)")
-    teacher_vocab = model_config(cfg.model.teacher).vocab_size
-    check_vocab(teacher_vocab, student_vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
+    specs = cfg.model.teacher_specs
+    if not specs:
+        raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory), or model.teachers")
+    if len(specs) > 1 and cfg.distill.hidden is not None:
+        raise ConfigError("distill.hidden: hidden-state distillation follows one teacher's layers; with several model.teachers it is not available (use model.teacher)")
+    for i, (path, _) in enumerate(specs):
+        key = f"model.teachers.{i}" if cfg.model.teachers else "model.teacher"
+        check_vocab(model_config(path).vocab_size, student_vocab, teacher=f"{key} {path}", student=str(cfg.model.path))
+
+
+def teachers_identity(cfg: Config) -> str:
+    """The content hash of `model.teacher`, or for several teachers one hash over their hashes and weights."""
+    specs = cfg.model.teacher_specs
+    if len(specs) == 1:
+        return model_identity(specs[0][0])["hash"]
+    h = hashlib.sha256()
+    for path, weight in specs:
+        h.update(f"{model_identity(path)['hash']}:{weight:.6g};".encode())
+    return h.hexdigest()
 
 
 def run_distill(cfg: Config) -> int:

@@ -2,10 +2,12 @@
 
 alpha·KD + (1 − alpha)·CE over response tokens (distill/losses.py), with the
 teacher either run online on every worker (frozen, eval mode, no grad, FSDP2-sharded like the
-student) or read from the offline top-k cache streamed with the data. Optional: hidden-state
-(and attention-map) distillation through learned projections, temperature/alpha schedules,
-progressive stages, and a per-batch KD weight from the teacher's confidence.
-Metrics add kd_loss, ce_loss, hidden_loss, and on val the teacher–student top-1 agreement and KL.
+student) or read from the offline cache streamed with the data (top-k head + sampled tail).
+Optional: hidden-state (and attention-map) distillation through learned projections,
+temperature/alpha schedules, progressive stages, and a per-batch KD weight from the teacher's confidence.
+Metrics add kd_loss, ce_loss, hidden_loss, and on val the teacher–student top-1 agreement and KL,
+against the full teacher (in cached mode loaded for validation when on disk) and, in cached mode,
+against the cache too (`_cache` names).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX
 from distillery.distill.losses import (
     SparseTeacher,
+    cached_teacher_kl,
     check_vocab,
     distill_loss,
     entropy_kd_weight,
@@ -29,7 +32,10 @@ from distillery.distill.losses import (
     schedule,
     teacher_entropy,
 )
-from distillery.distill.teacher_cache import CACHE_COLUMNS, sparse_teacher_batch
+from distillery.distill.mixture import mixture_logits
+from distillery.distill.teacher_cache import (
+    CACHE_COLUMNS, COUNTS_COL, IDS_COL, LOGPROBS_COL, TAIL_COL, load_cache_manifest, sparse_teacher_batch,
+)
 from distillery.models.load import load_causal_lm, resolve_model_dir
 from distillery.models.plan import decoder_layers
 from distillery.train.method import TRAIN_COLUMNS
@@ -41,6 +47,15 @@ def wants_attention(cfg: Config) -> bool:
     return cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0
 
 
+def _on_disk(path: str) -> bool:
+    """Whether `path` is a model or run directory here (resolve_model_dir finds a config in it)."""
+    try:
+        resolve_model_dir(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def attn_implementation(cfg: Config) -> str | None:
     """The attention kernel teacher and student load with: eager when attention maps are distilled
     (SDPA and flash kernels return none), else `model.attn_implementation`."""
@@ -50,6 +65,9 @@ def attn_implementation(cfg: Config) -> str | None:
 class DistillObjective:
     """alpha·KD + (1 − alpha)·CE (+ weighted hidden-state / attention losses) against a frozen teacher."""
 
+    _eval_teachers: list[tuple[torch.nn.Module, float]] | None = None  # cached mode, validation only: see _evaluation_teachers
+    _sample_temperature: float | None = None  # cached mode: read from the cache manifest on first use
+
     def __init__(self, cfg: Config, tokenizer, student, device: torch.device):
         self.cfg = cfg
         self.d = cfg.distill
@@ -57,13 +75,20 @@ class DistillObjective:
         self.vocab = student.config.vocab_size
         self.step, self.total = 0, 1
         self.teacher = None
+        # Online: every teacher of model.teacher / model.teachers, frozen; the KD target mixes them
+        # by weight (distill/mixture.py). `self.teacher` is the first, the one hidden states come from.
+        self.teachers: list[torch.nn.Module] = []
+        self.teacher_weights: list[float] = []
         if self.d.teacher_mode == "online":
-            self.teacher = load_causal_lm(
-                resolve_model_dir(cfg.model.teacher), dtype="bfloat16" if cfg.train.use_gpu else "float32",
-                attn_implementation=attn_implementation(cfg),
-            )
-            check_vocab(self.teacher.config.vocab_size, self.vocab, teacher=str(cfg.model.teacher), student=str(cfg.model.path))
-            self.teacher.eval().requires_grad_(False).to(device)
+            for path, weight in cfg.model.teacher_specs:
+                t = load_causal_lm(
+                    resolve_model_dir(path), dtype="bfloat16" if cfg.train.use_gpu else "float32",
+                    attn_implementation=attn_implementation(cfg),
+                )
+                check_vocab(t.config.vocab_size, self.vocab, teacher=str(path), student=str(cfg.model.path))
+                self.teachers.append(t.eval().requires_grad_(False).to(device))
+                self.teacher_weights.append(weight)
+            self.teacher = self.teachers[0]
         self.pairs: list[tuple[int, int]] = []
         self.projections = torch.nn.ModuleList()
         if self.d.hidden is not None:
@@ -89,12 +114,21 @@ class DistillObjective:
 
     def after_wrap(self, model) -> None:
         """Shard the online teacher like the student, so a teacher larger than one device fits."""
-        if self.teacher is not None and self.cfg.train.strategy == "fsdp":
+        if self.cfg.train.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in decoder_layers(self.teacher):
-                fully_shard(layer)
-            fully_shard(self.teacher)
+            for teacher in self.teachers:
+                for layer in decoder_layers(teacher):
+                    fully_shard(layer)
+                fully_shard(teacher)
+        # Cached mode: the evaluation-only teacher is loaded here (once per worker) and sharded the same way.
+        for teacher, _ in self._evaluation_teachers():
+            if self.cfg.train.strategy == "fsdp":
+                from torch.distributed.fsdp import fully_shard
+
+                for layer in decoder_layers(teacher):
+                    fully_shard(layer)
+                fully_shard(teacher)
 
     def set_step(self, step: int, total: int) -> None:
         self.step, self.total = step, total
@@ -131,20 +165,64 @@ class DistillObjective:
 
     # -- teacher ----------------------------------------------------------------------------
 
-    def _teacher(self, batch: dict[str, Any], need_hidden: bool, need_attn: bool):
-        """(teacher for the KD loss, teacher hidden states or None, teacher attentions or None)."""
-        if self.teacher is None:
-            T = batch["input_ids"].shape[1]
-            ids, lps, tail = sparse_teacher_batch(
-                batch["teacher_topk_ids"], batch["teacher_topk_logprobs"], batch["teacher_tail_logprob"], T, self.d.top_k
-            )
-            return SparseTeacher(ids.to(self.device), lps.to(self.device), tail.to(self.device)), None, None
+    def _teacher(self, batch: dict[str, Any], need_hidden: bool, need_attn: bool, temperature: float):
+        """(teacher for the KD loss, teacher hidden states or None, teacher attentions or None);
+        `temperature` is the one the loss will use (several online teachers are mixed at it)."""
+        if self.d.teacher_mode == "cached":
+            return self._cached_teacher(batch), None, None
+        return self._online_teacher(batch, need_hidden, need_attn, temperature)
+
+    def _cached_teacher(self, batch: dict[str, Any]) -> SparseTeacher:
+        """The batch's teacher as the cache holds it (the columns streamed with the rows): the top-k
+        head, and with a sampled cache the drawn tail ids with their counts (`SparseTeacher`)."""
+        T = batch["input_ids"].shape[1]
+        if self._sample_temperature is None:  # the temperature the cache's tail was drawn at (its manifest's)
+            self._sample_temperature = float(load_cache_manifest(self.cfg.teacher_cache_dir).get("sample_temperature", 1.0))
+        t = sparse_teacher_batch(
+            batch[IDS_COL], batch[LOGPROBS_COL], batch[TAIL_COL], T, self.d.top_k, batch.get(COUNTS_COL), self._sample_temperature
+        )
+        return SparseTeacher(t.ids.to(self.device), t.logprobs.to(self.device), t.tail.to(self.device),
+                             None if t.counts is None else t.counts.to(self.device), t.sample_temperature)
+
+    def _evaluation_teachers(self) -> list[tuple[torch.nn.Module, float]]:
+        """Cached mode: the teacher(s) of `model.teacher(s)`, loaded once for validation only, so
+        val_teacher_kl / val_teacher_top1_agreement measure the student against the full teacher
+        rather than against the cache's estimate of it. Empty when no teacher is named or a path
+        is not on disk (the metrics then come from the cache, under `_cache` names)."""
+        if self._eval_teachers is None:
+            self._eval_teachers = []
+            specs = self.cfg.model.teacher_specs
+            if self.d.teacher_mode == "cached" and specs and all(_on_disk(path) for path, _ in specs):
+                for path, weight in specs:
+                    t = load_causal_lm(resolve_model_dir(path), dtype="bfloat16" if self.cfg.train.use_gpu else "float32")
+                    check_vocab(t.config.vocab_size, self.vocab, teacher=str(path), student=str(self.cfg.model.path))
+                    self._eval_teachers.append((t.eval().requires_grad_(False).to(self.device), weight))
+        return self._eval_teachers
+
+    def _evaluation_logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """(B, T, V) float32 logits of the full teacher (the mixture at T = 1 with several), or None."""
+        teachers = self._evaluation_teachers()
+        if not teachers:
+            return None
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return mixture_logits([t(**kw).logits for t, _ in teachers], [w for _, w in teachers], 1.0)
+
+    def _online_teacher(self, batch: dict[str, Any], need_hidden: bool, need_attn: bool, temperature: float):
+        """(dense teacher logits (B, T, V) float32, hidden states or None, attentions or None) from the
+        online teacher; with several teachers the logits are their mixture at `temperature`
+        (`mixture_logits`) and hidden states / attentions come from the first."""
         with torch.no_grad():
             out = self.teacher(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False,
             )
-        return out.logits.float(), out.hidden_states, out.attentions
+            if len(self.teachers) == 1:
+                return out.logits.float(), out.hidden_states, out.attentions
+            logits = [out.logits] + [
+                t(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+                for t in self.teachers[1:]
+            ]
+            return mixture_logits(logits, self.teacher_weights, temperature), out.hidden_states, out.attentions
 
     # -- loss ---------------------------------------------------------------------------------
 
@@ -152,7 +230,7 @@ class DistillObjective:
         now = self.current()
         need_hidden = self.d.hidden is not None and now["hidden_weight"] > 0
         need_attn = need_hidden and self._wants_attention()
-        teacher, t_hidden, t_attn = self._teacher(batch, need_hidden, need_attn)
+        teacher, t_hidden, t_attn = self._teacher(batch, need_hidden, need_attn, now["temperature"])
         alpha = now["alpha"]
         if self.d.entropy_weighting:
             alpha = entropy_kd_weight(teacher_entropy(teacher, batch["labels"], self.d.chunk_size), self.vocab, alpha)
@@ -194,18 +272,32 @@ class DistillObjective:
 
     @torch.no_grad()
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
-        """Sums over target positions: student NLL, and top-1 agreement and KL(teacher‖student) at T = 1."""
+        """Sums over target positions: student NLL, and top-1 agreement and KL(teacher‖student) at T = 1.
+
+        `teacher_kl` / `teacher_top1_agreement` are always against the full teacher: the online one,
+        or in cached mode the evaluation-only teacher (`_evaluation_teachers`). Cached mode also
+        reports `teacher_kl_cache` / `teacher_top1_agreement_cache`, against what the cache holds
+        (`cached_teacher_kl`: unbiased for a sampled cache, another distance for a plain top-k
+        one); without a teacher on disk those are the only teacher metrics.
+        """
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits, targets = shift(out.logits.float(), batch["labels"])
         sel = targets != IGNORE_INDEX
         n = int(sel.sum())
         nll = F.cross_entropy(logits[sel], targets[sel], reduction="sum").item() if n else 0.0
-        teacher, _, _ = self._teacher(batch, False, False)
-        if isinstance(teacher, SparseTeacher):
-            top1 = teacher.ids[:, :-1, 0][sel]
+        metrics = {"nll": nll, "tokens": float(n)}
+        student_top1 = logits[sel].argmax(-1)
+        if self.d.teacher_mode == "cached":
+            cached = self._cached_teacher(batch)
+            metrics["teacher_top1_agreement_cache"] = float((student_top1 == cached.ids[:, :-1, 0][sel]).sum()) if n else 0.0
+            metrics["teacher_kl_cache"] = float(cached_teacher_kl(out.logits, cached, batch["labels"], self.d.keep_tail, self.d.chunk_size))
+            teacher = self._evaluation_logits(batch)
+            if teacher is None:
+                return metrics
         else:
-            top1 = teacher[:, :-1].argmax(-1)[sel]
-        agree = float((logits[sel].argmax(-1) == top1).sum()) if n else 0.0
+            teacher, _, _ = self._teacher(batch, False, False, 1.0)
+        top1 = teacher[:, :-1].argmax(-1)[sel]
+        agree = float((student_top1 == top1).sum()) if n else 0.0
         kl = distill_loss(out.logits.float(), teacher, batch["labels"], kind="forward_kl", temperature=1.0, alpha=1.0,
-                          keep_tail=self.d.keep_tail, chunk_size=self.d.chunk_size)
-        return {"nll": nll, "tokens": float(n), "teacher_top1_agreement": agree, "teacher_kl": float(kl.kd) * kl.num_tokens}
+                          chunk_size=self.d.chunk_size)
+        return {**metrics, "teacher_top1_agreement": agree, "teacher_kl": float(kl.kd) * kl.num_tokens}

@@ -54,7 +54,31 @@ def _human_bytes(n: int) -> str:
     return str(n)
 
 
-def render_report(results: list[dict], tasks: list[str], n_examples: int) -> str:
+def render_contamination(results: list[dict], tasks: list[str], contamination: dict) -> list[str]:
+    """The report's contamination section from `Contamination.summary()`: the count and per-task
+    split, the scores on the clean examples when any are contaminated, or why the check did not run."""
+    lines = ["## Contamination", ""]
+    if not contamination["checked"]:
+        return lines + [f"Not checked: {contamination['reason']}. The scores may include prompts the models trained on.", ""]
+    n, k, where = contamination["examples"], contamination["contaminated"], contamination["prepared"]
+    if not k:
+        return lines + [f"None of the {n} eval prompts occur in the training split of `{where}` "
+                        f"({contamination['train_prompts']:,} training rows; exact match after normalisation).", ""]
+    per_task = ", ".join(f"{t} {c['contaminated']}/{c['examples']}" for t, c in contamination["per_task"].items() if c["contaminated"])
+    lines += [f"**{k} of {n} eval prompts ({100 * contamination['fraction']:.1f}%) occur in the training split of `{where}`; "
+              f"scores on them are not held-out.** Per task: {per_task}. `examples.jsonl` flags them (`contaminated`).", "",
+              f"Scores on the {n - k} clean examples:", "",
+              "| model | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 2)]
+    for r in results:
+        clean = r.get("clean_scores", {})
+        cells = [f"{clean[t]:.3f}" if t in clean else "–" for t in tasks]
+        mean = r.get("clean_mean_score")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + f" | {'–' if mean is None else f'{mean:.3f}'} |")
+    return lines + [""]
+
+
+def render_report(results: list[dict], tasks: list[str], n_examples: int, contamination: dict | None = None) -> str:
+    """`report.md`; `contamination` (a `Contamination.summary()`) adds its section, left out when None."""
     head = "| model | params | size | " + " | ".join(tasks) + " | mean | tokens/s |"
     sep = "|" + "---|" * (len(tasks) + 5)
     lines = ["# Evaluation report", "", f"{n_examples} examples, greedy decoding, same prompts for every model.", "", head, sep]
@@ -72,5 +96,8 @@ def render_report(results: list[dict], tasks: list[str], n_examples: int) -> str
             f"| {r['name']} | {r['trainable_parameters']:,} | {f('val_loss')} | {f('val_perplexity', '{:.2f}')} | "
             f"{f('teacher_top1_agreement')} | {f('teacher_kl')} | {f('latency_p50_s')} | {r['backend']} |"
         )
-    lines += ["", "![scores](scores.png)", "", "![speed against quality](speed_quality.png)", ""]
+    lines.append("")
+    if contamination is not None:
+        lines += render_contamination(results, tasks, contamination)
+    lines += ["![scores](scores.png)", "", "![speed against quality](speed_quality.png)", ""]
     return "\n".join(lines)

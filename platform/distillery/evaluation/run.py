@@ -5,7 +5,9 @@
 Every model gets the same prompts and greedy decoding (vLLM, batched; Hugging Face `generate`
 where vLLM cannot load the model). Per model the report has: score per task, val loss and
 perplexity on the prepared val split, top-1 agreement and KL to the teacher, generation
-tokens/s and latency, parameter counts and size on disk. Outputs, in `eval.output`
+tokens/s and latency, parameter counts and size on disk. Eval prompts that occur in the training
+split of `data.prepared` are counted and flagged (`evaluation/contamination.py`), and when there
+are any, every model is also scored on the rest. Outputs, in `eval.output`
 (default `<output_dir>/eval`): `report.md`, `metrics.json`, `examples.jsonl`, `scores.png`,
 `speed_quality.png`.
 """
@@ -19,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config, ConfigError
+from distillery.evaluation.contamination import check_contamination
 from distillery.evaluation.generation import generate, render_prompt
-from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples, score
+from distillery.data.answers import score
+from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples
 from distillery.evaluation.model_metrics import parameter_counts, size_on_disk, val_and_teacher_metrics
 from distillery.evaluation.report import model_name, render_report, write_plots
 from distillery.files import write_text_atomic
@@ -59,6 +63,8 @@ def run_eval(cfg: Config) -> int:
     out = Path(ec.output or os.path.join(cfg.output_dir, "eval"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"eval: {len(examples)} examples in {len(tasks)} task(s), {len(model_dirs)} model(s) -> {out}", flush=True)
+    contamination = check_contamination(examples, cfg.prepared_dir, tokenizer)
+    print(contamination.message(), flush=True)
 
     results, example_rows = [], []
     for m, model_dir in zip(ec.models, model_dirs):
@@ -68,10 +74,14 @@ def run_eval(cfg: Config) -> int:
         print(f"eval: generating with {name} ({model_dir})", flush=True)
         gens = generate(model_dir, prompts, ec.max_new_tokens, ec.backend)
         per_task: dict[str, list[float]] = collections.defaultdict(list)
-        for e, text, ids in zip(examples, gens.texts, gens.token_ids):
+        clean_per_task: dict[str, list[float]] = collections.defaultdict(list)
+        for i, (e, text, ids) in enumerate(zip(examples, gens.texts, gens.token_ids)):
             s = score(e.metric, text.strip(), e.reference, ec.labels or labels_by_task[e.task])
             per_task[e.task].append(s)
-            example_rows.append({"model": name, "task": e.task, "metric": e.metric, "prompt": e.prompt, "reference": e.reference, "prediction": text, "output_token_ids": ids, "score": s})
+            if contamination.flag(i) is False:
+                clean_per_task[e.task].append(s)
+            example_rows.append({"model": name, "task": e.task, "metric": e.metric, "prompt": e.prompt, "reference": e.reference,
+                                 "prediction": text, "output_token_ids": ids, "score": s, "contaminated": contamination.flag(i)})
         scores = {t: sum(v) / len(v) for t, v in per_task.items()}
         total, trainable = parameter_counts(model_dir)
         r: dict[str, Any] = {
@@ -86,15 +96,21 @@ def run_eval(cfg: Config) -> int:
             "latency_p50_s": sorted(gens.latencies)[len(gens.latencies) // 2] if gens.latencies else None,
             "backend": gens.backend,
         }
+        if contamination.count:
+            # The same scores on the examples the training split does not hold: the held-out figure.
+            r["clean_scores"] = {t: sum(v) / len(v) for t, v in clean_per_task.items()}
+            r["clean_mean_score"] = sum(r["clean_scores"].values()) / len(r["clean_scores"]) if r["clean_scores"] else None
         is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
         r.update(val_and_teacher_metrics(model_dir, None if is_teacher else teacher_dir, cfg.prepared_dir))
         results.append(r)
-        print(f"eval: {name}: mean score {r['mean_score']:.3f}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
+        clean = f" ({r['clean_mean_score']:.3f} on clean examples)" if r.get("clean_mean_score") is not None else ""
+        print(f"eval: {name}: mean score {r['mean_score']:.3f}{clean}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
 
     write_text_atomic(out / "examples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in example_rows))
-    write_text_atomic(out / "metrics.json", json.dumps({"tasks": tasks, "examples": len(examples), "models": results}, indent=2, ensure_ascii=False))
+    write_text_atomic(out / "metrics.json", json.dumps({"tasks": tasks, "examples": len(examples), "contamination": contamination.summary(),
+                                                        "models": results}, indent=2, ensure_ascii=False))
     write_plots(out, results, tasks)
-    report = render_report(results, tasks, len(examples))
+    report = render_report(results, tasks, len(examples), contamination.summary())
     write_text_atomic(out / "report.md", report)
     print("\n" + report.split("\n![")[0])
     print(f"eval: report {out / 'report.md'}")

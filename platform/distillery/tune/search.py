@@ -45,7 +45,7 @@ TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train V2: seconds be
 
 def trial_method(cfg: Config) -> TrainingMethod:
     """The training method every trial runs: `tune.stage`, or distill when the config names a teacher."""
-    stage = cfg.tune.stage if cfg.tune.stage != "auto" else ("distill" if cfg.model.teacher else "finetune")
+    stage = cfg.tune.stage if cfg.tune.stage != "auto" else ("distill" if cfg.model.teacher_specs else "finetune")
     return DISTILL if stage == "distill" else FINETUNE
 
 
@@ -80,6 +80,7 @@ def trial_base(cfg: Config) -> Config:
     return with_values(cfg, {
         "data.prepared": absolute(cfg.prepared_dir), "distill.cache": absolute(cfg.teacher_cache_dir),
         "model.path": absolute(cfg.model.path, True), "model.teacher": absolute(cfg.model.teacher, True),
+        "model.teachers": [{"path": absolute(t.path, True), "weight": t.weight} for t in cfg.model.teachers],
     })
 
 
