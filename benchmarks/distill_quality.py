@@ -1,6 +1,6 @@
 """Distillation quality: does a distilled student beat the same student fine-tuned on labels alone?
 
-    PYTHONPATH=platform python benchmarks/distill_quality.py [--labelled 400] [--prompts 2400] [--steps 300]
+    PYTHONPATH=platform python benchmarks/distill_quality.py --cache-rows --multi-teacher [--labelled 400] [--prompts 2400] [--steps 600]
 
 The realistic regime: a small labelled set and a larger pool of unlabelled prompts. Five tasks with
 checkable answers, in English and Chinese (arithmetic, unit conversion, sorting, field extraction
@@ -117,12 +117,13 @@ class Bench:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher-rows", type=int, default=3000, help="labelled rows the teacher is fine-tuned on")
-    ap.add_argument("--teacher-steps", type=int, default=600)
+    ap.add_argument("--teacher-rows", type=int, default=6000, help="labelled rows the teacher is fine-tuned on")
+    ap.add_argument("--teacher-steps", type=int, default=3000)
+    ap.add_argument("--teacher-batch", type=int, default=32)
     ap.add_argument("--labelled", type=int, default=400, help="labelled rows the students see")
     ap.add_argument("--prompts", type=int, default=2400, help="unlabelled prompts the teacher completes")
     ap.add_argument("--eval-rows", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=300, help="optimiser steps of every student")
+    ap.add_argument("--steps", type=int, default=600, help="optimiser steps of every student")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--generated-weight", type=float, default=4.0, help="data weight of the generated rows against the labelled ones")
     ap.add_argument("--cache-rows", action="store_true", help="add online and plain top-k rows for the generated-data KD student")
@@ -165,14 +166,15 @@ def main() -> int:
             "model.path": str(models / "teacher-init")}))
         b.timed("finetune teacher", run_finetune, b.cfg(**{
             "data.prepared": str(prep / "teacher"), "model.path": str(models / "teacher-init"), "output_dir": str(runs / "teacher"),
-            "train.max_steps": args.teacher_steps, "train.eval_every": args.teacher_steps, "train.checkpoint_every": args.teacher_steps}))
+            "train.max_steps": args.teacher_steps, "train.eval_every": args.teacher_steps, "train.checkpoint_every": args.teacher_steps,
+            "train.batch_size": args.teacher_batch}))
         teachers = [{"path": str(runs / "teacher"), "weight": 1.0}]
         if args.multi_teacher:
             init_model(models / "teacher2-init", ArchSpec(**TEACHER2), tokenizer_from=str(models / "teacher-init"), seed=2, overwrite=True)
             b.timed("finetune second teacher", run_finetune, b.cfg(**{
                 "data.prepared": str(prep / "teacher"), "model.path": str(models / "teacher2-init"), "output_dir": str(runs / "teacher2"),
                 "train.max_steps": args.teacher_steps, "train.eval_every": args.teacher_steps, "train.checkpoint_every": args.teacher_steps,
-                "seed": 1}))
+                "train.batch_size": args.teacher_batch, "seed": 1}))
             teachers.append({"path": str(runs / "teacher2"), "weight": 1.0})
 
         # Students on the labelled set alone.

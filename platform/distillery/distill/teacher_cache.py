@@ -429,6 +429,9 @@ def check_top_k(top_k: int, vocab: int, teacher: str) -> None:
         raise TeacherCacheError(f"distill.top_k: {top_k} is above the vocabulary of the teacher '{teacher}' ({vocab}); set at most {vocab}")
 
 
+FEW_DRAWS = 16  # below this many tail draws, a hot tail (T > 1.5) is poorly covered
+
+
 def sample_temperature(cfg: Config) -> float:
     """The temperature a cache's tail is drawn at: distill.cache_sample_temperature, else distill.temperature."""
     d = cfg.distill
@@ -739,6 +742,12 @@ def run_cache_teacher(cfg: Config) -> int:
     drawn_at = f" at T={sample_temperature(cfg):g}" if samples else ""
     print(f"cache-teacher: {backend} backend, teacher {names}, top_k {top_k}, cache_samples {samples}{drawn_at}, {cfg.distill.cache_dtype}, "
           f"splits {splits} -> {cache_dir}", flush=True)
+    if samples and samples < FEW_DRAWS and sample_temperature(cfg) > 1.5:
+        # Measured (benchmarks/README.md, "Sparse teacher caches"): at T = 2 a tempered tail holds
+        # most of the mass, and a few draws of it trained the student far from the online teacher.
+        print(f"cache-teacher: note: {samples} draws at T={sample_temperature(cfg):g} measured far from an online teacher "
+              f"(KL 6x online at T=2); raise distill.cache_samples (32 matched online) or set distill.cache_samples=0 "
+              f"and a larger distill.top_k", flush=True)
 
     t0 = time.time()
     with removed_on_failure(tmp):
