@@ -55,6 +55,17 @@ def tiny_student(tmp_path_factory, tiny_teacher) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory, tiny_teacher) -> Path:
+    """A 2-layer Qwen2-MoE (4 routed experts, top-2, plus a shared expert) with the tiny models' tokenizer."""
+    from distillery.models.init_model import ArchSpec, init_model
+
+    out = tmp_path_factory.mktemp("models") / "moe"
+    spec = ArchSpec(arch="qwen2_moe", layers=2, hidden=32, heads=2, kv_heads=1, intermediate=32, experts=4, experts_per_token=2)
+    init_model(out, spec, tokenizer_from=str(tiny_teacher), seed=2)
+    return out
+
+
+@pytest.fixture(scope="session")
 def prepared_tiny(tmp_path_factory, demo_corpus, tiny_teacher) -> Path:
     """A prepared directory (splits contract) of the demo corpus, tokenised with the tiny models' tokenizer."""
     from prepared_fixture import write_prepared

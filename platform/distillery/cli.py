@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init-model", help="build a tokenizer and a randomly initialised model locally")
     p.add_argument("output", help="directory to write the model into")
     p.add_argument("--spec", help="YAML file with the architecture spec (keys as the flags below, with underscores)")
-    p.add_argument("--arch", choices=["llama", "qwen2", "mixtral", "qwen2_moe"])
+    p.add_argument("--arch", choices=["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"])
     p.add_argument("--layers", type=int)
     p.add_argument("--hidden", type=int)
     p.add_argument("--heads", type=int)

@@ -187,8 +187,12 @@ class FreezeConfig(Section):
 
 
 class EsftConfig(Section):
-    relevance: Literal["gate", "token"] = Field("gate", description="How experts are scored on the task data: mean gate score or token share.")
-    threshold: float = Field(0.2, gt=0, le=1, description="Cumulative relevance share of experts selected for training.")
+    relevance: Literal["gate", "token"] = Field("gate", description="How experts are scored on the task data: mean gate score (router softmax) or share of top-k selections.")
+    threshold: float = Field(0.2, gt=0, le=1, description="Per layer, experts train in descending relevance until their cumulative share reaches this (at least one).")
+    sample_tokens: int = Field(4096, ge=1, description="Non-padding tokens of the training split the relevance is measured on.")
+    train_shared: bool = Field(False, description="Also train shared experts (Qwen2-MoE's shared_expert and its gate).")
+    train_non_expert: bool = Field(False, description="Also train everything outside the experts: attention, routers, norms, embeddings, lm_head.")
+    experts_file: str | None = Field(None, description="An `esft_experts.json` from an earlier run: reuse its selection instead of measuring relevance.")
 
 
 class MethodConfig(Section):
@@ -316,6 +320,9 @@ class TrainConfig(Section):
     )
     key_terms: list[str] = Field(default_factory=list, description="Terms whose tokens get `key_term_weight` in the cross-entropy.")
     key_term_weight: float = Field(1.5, gt=0, description="Loss weight of key-term tokens.")
+    router_aux_loss_coef: float | None = Field(
+        None, ge=0, description="Weight of the MoE router load-balancing loss added to the training loss (null: the model config's `router_aux_loss_coef`; MoE models only)."
+    )
     ewc: EwcConfig = Field(default_factory=EwcConfig, description="Elastic weight consolidation against forgetting a previous task.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 mixed precision on GPU, fp32 on CPU.")
     trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")

@@ -150,6 +150,35 @@ def test_freeze_changes_exactly_the_reported_parameters_with_ewc(tmp_path, prepa
     assert penalties[0] == 0.0 and penalties[-1] > 0.0
 
 
+@pytest.mark.timeout(600)
+def test_esft_under_fsdp_trains_only_the_chosen_experts(tmp_path, prepared_tiny, tiny_moe):
+    """ESFT on a Qwen2-MoE sharded by FSDP2 over 2 workers (2 of the 4 experts per rank), with weight
+    decay and everything outside the experts also training: the experts it did not choose come out
+    bitwise unchanged, the chosen ones change, and the router's load-balancing loss is logged."""
+    run = tmp_path / "esft"
+    cfg = _cfg(run, prepared_tiny, tiny_moe, "method.kind=esft", "method.esft.threshold=0.3", "method.esft.sample_tokens=400",
+               "method.esft.train_non_expert=true", "train.num_workers=2", "train.strategy=fsdp", "train.weight_decay=0.1",
+               "train.router_aux_loss_coef=0.05")
+    assert run_finetune(cfg) == 0
+    record = json.loads((run / "esft_experts.json").read_text())
+    selected = {int(layer): entry["selected"] for layer, entry in record["layers"].items()}
+    assert set(selected) == {0, 1} and all(1 <= len(ids) < 4 for ids in selected.values())
+    assert record["sample_tokens"] >= 400 and all(abs(sum(e["scores"]) - 1) < 1e-6 for e in record["layers"].values())
+    before = load_file(str(Path(tiny_moe) / "model.safetensors"))
+    after = load_file(str(run / "model" / "model.safetensors"))
+    experts = {k for k in before if ".mlp.experts." in k}
+    chosen = {k for k in experts if int(k.split(".mlp.experts.")[1].split(".")[0]) in selected[int(k.split(".")[2])]}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed & experts == chosen  # every chosen expert moved, no other expert did (not even by weight decay)
+    assert {k for k in changed if "shared_expert" in k} == set()  # shared experts: frozen by default
+    assert any(k.endswith("mlp.gate.weight") for k in changed)  # train_non_expert: routers train too
+    metrics = _metrics(run)
+    aux = [m["router_aux_loss"] for m in metrics if "router_aux_loss" in m]
+    assert len(aux) == 6 and all(a > 0 for a in aux)
+    report = json.loads((run / "run.json").read_text())["metrics"]
+    assert report["trainable_fraction"] == pytest.approx(record["trainable_fraction"])
+
+
 def _wait_for_step(trace: Path, step: int, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -37,15 +37,15 @@ def test_missing_input_exits_2_before_any_work(tmp_path, capsys):
     assert "data.sources.0.path" in capsys.readouterr().err
 
 
-def test_unbuilt_method_exits_2_before_ray(tmp_path, capsys, prepared_tiny, tiny_student):
-    """`method.kind: esft` is refused by `distillery finetune` with exit 2 and Ray never starts."""
+def test_esft_on_a_dense_model_exits_2_before_ray(tmp_path, capsys, prepared_tiny, tiny_student):
+    """`method.kind: esft` on a dense student is refused by `distillery finetune` with exit 2 and Ray never starts."""
     import ray
 
     p = tmp_path / "c.yaml"
     p.write_text(f"data: {{prepared: {prepared_tiny}}}\nmodel: {{path: {tiny_student}}}\nmethod: {{kind: esft}}\n"
                  f"output_dir: {tmp_path}/run\n")
     assert main(["finetune", str(p)]) == EXIT_CONFIG
-    assert "method.kind: esft" in capsys.readouterr().err
+    assert "method.kind: esft trains chosen experts of a mixture-of-experts model" in capsys.readouterr().err
     assert not ray.is_initialized()
     assert not (tmp_path / "run").exists()
 

@@ -59,7 +59,7 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, demo_corpus):
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "c" / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_moe_architectures(tmp_path, tiny_teacher, arch):
     spec = ArchSpec(arch=arch, layers=1, hidden=32, heads=2, intermediate=32, experts=4, experts_per_token=2)
     init_model(tmp_path / arch, spec, tokenizer_from=str(tiny_teacher), seed=0)

@@ -67,15 +67,17 @@ def test_missing_frozen_layers_fail_before_ray(tmp_path, prepared_tiny, tiny_tea
 
 
 def test_settings_that_cannot_work_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher):
-    """ESFT (not built yet), EWC without the previous task's data, and fine-tuning-only keys under
-    distill fail in `validate_training`, not inside the workers."""
+    """ESFT and a router loss on a dense model, EWC without the previous task's data, and
+    fine-tuning-only keys under distill fail in `validate_training`, not inside the workers."""
     from distillery.distill.method import DISTILL
     from distillery.train.finetune import FINETUNE
     from distillery.train.run import validate_training
 
     base = [f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_teacher}"]
-    with pytest.raises(ConfigError, match="method.kind: esft"):
+    with pytest.raises(ConfigError, match="method.kind: esft trains chosen experts of a mixture-of-experts model; this is a dense 'llama'"):
         validate_training(load_config(overrides=base + ["method.kind=esft"]), FINETUNE)
+    with pytest.raises(ConfigError, match="train.router_aux_loss_coef: .* dense 'llama'"):
+        validate_training(load_config(overrides=base + ["train.router_aux_loss_coef=0.01"]), FINETUNE)
     with pytest.raises(ConfigError, match="train.ewc.previous: set"):
         validate_training(load_config(overrides=base + ["train.ewc.lambda=1"]), FINETUNE)
     with pytest.raises(ConfigError, match="train.ewc.previous: no prepared train split"):

@@ -83,3 +83,25 @@ def read_split(prepared: str, split: str, columns: list[str] | None = None):
     if not os.path.isdir(d) or not any(name.endswith(".parquet") for name in os.listdir(d)):
         raise PreparedDataError(f"data.prepared: split '{split}' has no parquet files under '{d}'")
     return read_parquet(d, columns=columns)
+
+
+def head_rows(prepared: str, split: str, columns: list[str], max_rows: int | None = None, max_tokens: int | None = None) -> list[dict]:
+    """The first rows of a split, read directly (no Ray): up to `max_rows` rows, or as many as hold
+    `max_tokens` tokens of `input_ids`. For small samples a worker takes before training (ESFT's
+    expert relevance, EWC's Fisher)."""
+    import pyarrow.parquet as pq
+
+    d = split_dir(prepared, split)
+    if not os.path.isdir(d):
+        raise PreparedDataError(f"data.prepared: no prepared {split} split at '{d}'")
+    rows: list[dict] = []
+    tokens = 0
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".parquet"):
+            continue
+        for row in pq.read_table(os.path.join(d, name), columns=columns).to_pylist():
+            if (max_rows is not None and len(rows) >= max_rows) or (max_tokens is not None and tokens >= max_tokens):
+                return rows
+            rows.append(row)
+            tokens += len(row.get("input_ids") or ())
+    return rows

@@ -37,9 +37,9 @@ from distillery.distill.teacher_cache import (
     CACHE_COLUMNS, COUNTS_COL, IDS_COL, LOGPROBS_COL, TAIL_COL, load_cache_manifest, sparse_teacher_batch,
 )
 from distillery.models.load import load_causal_lm, resolve_model_dir
-from distillery.models.plan import decoder_layers
+from distillery.models.structure import decoder_layers
 from distillery.train.method import TRAIN_COLUMNS
-from distillery.train.objective import lm_head_of, shift
+from distillery.train.objective import lm_head_of, router_aux_coef, shift
 
 
 def wants_attention(cfg: Config) -> bool:
@@ -73,6 +73,7 @@ class DistillObjective:
         self.d = cfg.distill
         self.device = device
         self.vocab = student.config.vocab_size
+        self.aux_coef = router_aux_coef(cfg, student)  # MoE students: the router's load-balancing loss
         self.step, self.total = 0, 1
         self.teacher = None
         # Online: every teacher of model.teacher / model.teachers, frozen; the KD target mixes them
@@ -240,7 +241,7 @@ class DistillObjective:
         out = model(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
             output_hidden_states=need_hidden or fused, output_attentions=need_attn, use_cache=False,
-            **({"logits_to_keep": 1} if fused else {}),
+            **({"logits_to_keep": 1} if fused else {}), **({"output_router_logits": True} if self.aux_coef > 0 else {}),
         )
         if fused:
             head = lm_head_of(model)
@@ -268,6 +269,9 @@ class DistillObjective:
                 ) / len(self.pairs)
             loss = loss + now["hidden_weight"] * h
             metrics["hidden_loss"] = float(h)
+        if self.aux_coef > 0:
+            loss = loss + self.aux_coef * out.aux_loss
+            metrics["router_aux_loss"] = float(out.aux_loss)
         return loss, metrics
 
     @torch.no_grad()

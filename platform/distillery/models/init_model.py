@@ -34,12 +34,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-Arch = Literal["llama", "qwen2", "mixtral", "qwen2_moe"]
+Arch = Literal["llama", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 @dataclass
 class ArchSpec:
-    """Shape of a decoder-only LM. MoE fields apply to `mixtral` and `qwen2_moe` only."""
+    """Shape of a decoder-only LM. MoE fields apply to `mixtral`, `qwen2_moe` and `qwen3_moe` only."""
 
     arch: Arch = "llama"
     layers: int = 2
@@ -55,8 +56,8 @@ class ArchSpec:
     extra: dict = field(default_factory=dict)  # passed through to the transformers config
 
     def validate(self) -> None:
-        if self.arch not in ("llama", "qwen2", "mixtral", "qwen2_moe"):
-            raise ValueError(f"arch: unknown architecture '{self.arch}' (llama, qwen2, mixtral, qwen2_moe)")
+        if self.arch not in ("llama", "qwen2") + MOE_ARCHS:
+            raise ValueError(f"arch: unknown architecture '{self.arch}' (llama, qwen2, mixtral, qwen2_moe, qwen3_moe)")
         for name in ("layers", "hidden", "heads", "intermediate", "max_position"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
@@ -65,7 +66,7 @@ class ArchSpec:
         kv = self.kv_heads or self.heads
         if self.heads % kv:
             raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({kv})")
-        if self.arch in ("mixtral", "qwen2_moe") and not 1 <= self.experts_per_token <= self.experts:
+        if self.arch in MOE_ARCHS and not 1 <= self.experts_per_token <= self.experts:
             raise ValueError(f"experts_per_token ({self.experts_per_token}) must be between 1 and experts ({self.experts})")
 
 
@@ -95,6 +96,15 @@ def build_hf_config(spec: ArchSpec, vocab_size: int, bos_id: int, eos_id: int, p
     elif spec.arch == "mixtral":
         cfg = transformers.MixtralConfig(
             **common, num_local_experts=spec.experts, num_experts_per_tok=spec.experts_per_token
+        )
+    elif spec.arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(
+            **common,
+            num_experts=spec.experts,
+            num_experts_per_tok=spec.experts_per_token,
+            moe_intermediate_size=spec.intermediate,
+            decoder_sparse_step=1,
+            head_dim=spec.hidden // spec.heads,
         )
     else:
         cfg = transformers.Qwen2MoeConfig(

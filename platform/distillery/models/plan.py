@@ -1,4 +1,4 @@
-"""Which parameters train: full, LoRA adapters, or the last (or first) N decoder layers.
+"""Which parameters train: full, LoRA adapters, the last (or first) N decoder layers, or chosen experts (ESFT).
 
 `apply_method` changes `requires_grad` (or wraps the model with PEFT) and returns a `ParamPlan`
 that names exactly the trainable parameters, so runs can report and tests can check them.
@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from distillery.config import ConfigError, MethodConfig
+from distillery.models.structure import decoder_layers, is_moe_config
 
 
 @dataclass
@@ -17,6 +20,8 @@ class ParamPlan:
     total: int
     trainable: int
     trainable_names: list[str] = field(default_factory=list)
+    expert_masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    """ESFT: parameter name -> bool [E], the expert slices of a fused expert tensor that train."""
 
     @property
     def fraction(self) -> float:
@@ -26,32 +31,24 @@ class ParamPlan:
         return f"{self.kind}: {self.trainable:,} of {self.total:,} parameters train ({100 * self.fraction:.2f}%)"
 
 
-def decoder_layers(model):
-    """The list of decoder layers of a Hugging Face causal LM (Llama, Qwen2, Mixtral, ... and PEFT-wrapped)."""
-    inner = model
-    for attr in ("base_model", "model"):  # PeftModel -> LoraModel -> CausalLM
-        if hasattr(inner, "get_base_model"):
-            inner = inner.get_base_model()
-    backbone = getattr(inner, "model", None)
-    layers = getattr(backbone, "layers", None)
-    if layers is None:
-        raise ConfigError(f"method: cannot find decoder layers (model.layers) in {type(inner).__name__}")
-    return layers
-
-
 def check_trainable_layers(n: int, layers: int) -> None:
     """`method.freeze.trainable_layers` must pick 1..layers decoder layers from the end (n > 0) or the start (n < 0)."""
     if n == 0 or abs(n) > layers:
         raise ConfigError(f"method.freeze.trainable_layers: {n} is not in ±1..±{layers} for a {layers}-layer model")
 
 
-ESFT_NOT_BUILT = "method.kind: esft (expert-specialised fine-tuning for MoE models) is not available yet; use full, lora or freeze"
-
-
 def check_method(method: MethodConfig, model_config) -> None:
     """What can be checked of `method` from the model's config alone, before any worker loads it."""
+    from distillery.models.experts import check_selection, read_selection
+
     if method.kind == "esft":
-        raise ConfigError(ESFT_NOT_BUILT)
+        if not is_moe_config(model_config):
+            raise ConfigError(
+                f"method.kind: esft trains chosen experts of a mixture-of-experts model; this is a dense "
+                f"'{getattr(model_config, 'model_type', '?')}' model (use full, lora or freeze)"
+            )
+        if method.esft.experts_file:
+            check_selection(read_selection(method.esft.experts_file), model_config, "method.esft.experts_file")
     layers = getattr(model_config, "num_hidden_layers", None)
     if method.kind == "freeze" and layers:
         check_trainable_layers(method.freeze.trainable_layers, layers)
@@ -64,8 +61,9 @@ def _plan(model, kind: str) -> ParamPlan:
     return ParamPlan(kind, total, trainable, names)
 
 
-def apply_method(model, method: MethodConfig):
-    """Apply `method.kind` to a freshly loaded model; returns (model, plan). LoRA returns a PeftModel."""
+def apply_method(model, method: MethodConfig, experts: dict[int, list[int]] | None = None):
+    """Apply `method.kind` to a freshly loaded model; returns (model, plan). LoRA returns a PeftModel.
+    `experts` (ESFT only): the chosen experts per layer (train/esft.py measures them)."""
     if method.kind == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -104,4 +102,14 @@ def apply_method(model, method: MethodConfig):
                 p.requires_grad_(True)
         return model, _plan(model, "freeze")
 
-    raise ConfigError(ESFT_NOT_BUILT)
+    if method.kind == "esft":
+        from distillery.models.experts import apply_esft
+
+        if experts is None:
+            raise ConfigError("method.kind: esft needs the chosen experts per layer (train/esft.py)")
+        masks, trainable = apply_esft(model, method.esft, experts)
+        plan = _plan(model, "esft")
+        plan.trainable, plan.expert_masks = trainable, masks
+        return model, plan
+
+    raise ConfigError(f"method.kind: unknown '{method.kind}' (full, lora, freeze, esft)")

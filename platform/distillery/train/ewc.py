@@ -22,23 +22,15 @@ def _unwrap(model):
 
 def previous_rows(cfg) -> list[dict]:
     """The first `ewc.samples` training rows of the previous task's prepared data."""
-    import pyarrow.parquet as pq
-
     from distillery.config import ConfigError
-    from distillery.data.splits import split_dir
+    from distillery.data.splits import head_rows, split_dir
 
     if not cfg.train.ewc.previous:
         raise ConfigError("train.ewc.previous: set the prepared data directory of the previous task (EWC needs it)")
     d = split_dir(cfg.train.ewc.previous, "train")
     if not os.path.isdir(d):
         raise ConfigError(f"train.ewc.previous: no prepared train split at '{d}'")
-    rows: list[dict] = []
-    for name in sorted(os.listdir(d)):
-        if name.endswith(".parquet"):
-            rows.extend(pq.read_table(os.path.join(d, name), columns=["input_ids", "labels"]).to_pylist())
-        if len(rows) >= cfg.train.ewc.samples:
-            break
-    return rows[: cfg.train.ewc.samples]
+    return head_rows(cfg.train.ewc.previous, "train", ["input_ids", "labels"], max_rows=cfg.train.ewc.samples)
 
 
 def estimate_fisher(model, rows: list[dict], pad_id: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -6,7 +6,7 @@ Reads the prepared splits (`data.prepared`), trains `model.path` with `method.ki
 run directory `output_dir`: config.yaml, metrics.jsonl, checkpoints under ray/, and the model in
 Hugging Face format under model/ (full weights, or a PEFT adapter recording its base model).
 The loss is token cross-entropy on response tokens, optionally up-weighting `train.key_terms`,
-plus an EWC penalty when `train.ewc.lam` > 0.
+plus an EWC penalty when `train.ewc.lam` > 0 and, for MoE models, the router load-balancing loss.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from distillery.config import Config, ConfigError
 from distillery.data.splits import load_manifest, split_dir
 from distillery.train.ewc import EwcPenalty, estimate_fisher, previous_rows
 from distillery.train.method import prepared_datasets
-from distillery.train.objective import CrossEntropyObjective
+from distillery.train.objective import CrossEntropyObjective, router_aux_coef
 from distillery.train.run import run_training
 
 
@@ -37,7 +37,7 @@ class Finetune:
         return prepared_datasets(cfg)
 
     def build_objective(self, cfg: Config, tokenizer, model, device: torch.device) -> CrossEntropyObjective:
-        return CrossEntropyObjective(cfg, tokenizer, build_ewc(cfg, model, tokenizer))
+        return CrossEntropyObjective(cfg, tokenizer, build_ewc(cfg, model, tokenizer), router_aux_coef(cfg, model))
 
     def attn_implementation(self, cfg: Config) -> str | None:
         return cfg.model.attn_implementation

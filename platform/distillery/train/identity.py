@@ -39,7 +39,7 @@ RESUME_NEUTRAL = (
 )
 
 # What a fresh start removes from a run directory (everything a training run writes there).
-RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "run.json", "trace", "ewc.safetensors", IDENTITY_FILE)
+RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "run.json", "trace", "ewc.safetensors", "esft_experts.json", IDENTITY_FILE)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The Ray Train per-worker loop shared by every training method (finetune, distill, ...).
 
-Each worker: loads the model, applies the parameter plan (full / LoRA / freeze), wraps it (FSDP2
+Each worker: loads the model, applies the parameter plan (full / LoRA / freeze / ESFT), wraps it (FSDP2
 `fully_shard` per decoder layer then the root, DDP, or nothing; train/parallel.py), streams its
 shard of the method's datasets (train/batches.py), and steps AdamW with warmup + decay, gradient
 accumulation and clipping. Every `eval_every` steps it evaluates on its val shard (sums
@@ -26,10 +26,12 @@ import yaml
 
 from distillery.config import Config, validate_tree
 from distillery.models.load import load_causal_lm, load_tokenizer, resolve_model_dir
+from distillery.models.experts import ExpertSlices
 from distillery.models.plan import apply_method
 from distillery.train.batches import ValidationBatches, micro_batches, to_device
 from distillery.train.checkpoint import MetricsLog, TrainState, export_model, load_checkpoint, save_checkpoint
 from distillery.train.collate import collate
+from distillery.train.esft import choose_experts, record_choice
 from distillery.train.method import TrainingMethod
 from distillery.train.objective import finish_eval
 from distillery.train.parallel import all_reduce_sums, clip_grads, sync_extra_grads, wrap_model
@@ -128,17 +130,30 @@ class Worker:
         dtype = cfg.model.dtype if cfg.train.precision == "auto" else "float32"
         model = load_causal_lm(model_dir, dtype=dtype, use_gpu=cfg.train.use_gpu,
                                attn_implementation=self.method.attn_implementation(cfg))
-        model, self.plan = apply_method(model, cfg.method)
+        experts, pending = None, None
+        if cfg.method.kind == "esft":
+            import ray.train
+
+            experts, pending = choose_experts(cfg, model, self.tokenizer.pad_token_id, self.device, self.rank,
+                                              resuming=ray.train.get_checkpoint() is not None)
+        model, self.plan = apply_method(model, cfg.method, experts)
+        if self.rank == 0:
+            record_choice(cfg, pending, self.plan.fraction)
         self.objective = self.method.build_objective(cfg, self.tokenizer, model, self.device)
         model.to(self.device)
         self.model = wrap_model(model, cfg, self.device, self.world)
         self.objective.after_wrap(self.model)
         self.model.train()
+        # ESFT trains slices of the fused expert tensors: the rest must not move (models/experts.py).
+        self.slices = ExpertSlices(self.plan.expert_masks, cfg.train.weight_decay) if self.plan.expert_masks else None
+        if self.slices:
+            self.slices.bind(self.model)
 
     def _setup_optimizer(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.extra = [p for m in self.objective.extra_modules() for p in m.parameters()]
-        groups = [{"params": self.params}] + ([{"params": self.extra}] if self.extra else [])
+        main = self.slices.param_groups(self.params) if self.slices else [{"params": self.params}]
+        groups = main + ([{"params": self.extra}] if self.extra else [])
         self.optimizer = build_optimizer(groups, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.total_steps))
 
@@ -207,6 +222,8 @@ class Worker:
             for k, v in m.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
         step_metrics.update(self.objective.after_backward(model))
+        if self.slices:
+            self.slices.mask_grads()
         sync_extra_grads(self.extra, self.world)
         grad_norm = clip_grads(self.params, cfg.train.max_grad_norm)
         clip_grads(self.extra, cfg.train.max_grad_norm)
@@ -220,6 +237,8 @@ class Worker:
             self.optimizer.zero_grad(set_to_none=True)  # no update from this step: the weights stay finite
             state.nonfinite_in_row += 1
         else:
+            if self.slices:
+                self.slices.decay(self.scheduler.get_last_lr()[0])
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_in_row = 0

@@ -56,9 +56,23 @@ def lm_head_of(model) -> torch.nn.Module:
     return inner.lm_head
 
 
-def target_logits(model, batch: dict[str, Any], full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits (n, V) and targets (n,) of the n positions that have a target, and where they are:
-    a bool mask [B, T-1] over the shifted positions.
+def router_aux_coef(cfg: Config, model) -> float:
+    """Weight of the MoE router load-balancing loss: `train.router_aux_loss_coef`, else the model
+    config's own `router_aux_loss_coef`; 0 for a dense model (run.py refuses a coefficient there)."""
+    from distillery.models.structure import is_moe_config
+
+    config = getattr(model, "config", None)
+    if config is None or not is_moe_config(config):
+        return 0.0
+    if cfg.train.router_aux_loss_coef is not None:
+        return cfg.train.router_aux_loss_coef
+    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def target_logits(model, batch: dict[str, Any], full: bool, router_aux: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Logits (n, V) and targets (n,) of the n positions that have a target, where they are (a bool
+    mask [B, T-1] over the shifted positions), and with `router_aux` the MoE router's
+    load-balancing loss (a scalar; None without).
 
     Unless `full`, the model stops at its final hidden states (`logits_to_keep=1` keeps it from
     projecting every position) and the lm_head runs on the target positions alone: prompt and
@@ -67,14 +81,17 @@ def target_logits(model, batch: dict[str, Any], full: bool) -> tuple[torch.Tenso
     inside the wrapped forward: there the model's own (B, T, V) logits are selected from.
     """
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    if router_aux:
+        kw["output_router_logits"] = True
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
     if full:
-        logits = model(**kw).logits[:, :-1][mask]
+        out = model(**kw)
+        logits = out.logits[:, :-1][mask]
     else:
-        hidden = model(**kw, logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
-        logits = lm_head_of(model)(hidden[:, :-1][mask])
-    return logits, targets[mask], mask
+        out = model(**kw, logits_to_keep=1, output_hidden_states=True)
+        logits = lm_head_of(model)(out.hidden_states[-1][:, :-1][mask])
+    return logits, targets[mask], mask, (out.aux_loss if router_aux else None)
 
 
 def key_term_sequences(tokenizer, terms: list[str]) -> list[list[int]]:
@@ -105,13 +122,15 @@ def key_term_mask(input_ids: torch.Tensor, sequences: list[list[int]]) -> torch.
 
 
 class CrossEntropyObjective:
-    """Token cross-entropy on response tokens, optionally up-weighting key terms, plus an optional EWC penalty."""
+    """Token cross-entropy on response tokens, optionally up-weighting key terms, plus an optional EWC
+    penalty and, for MoE models, the router's load-balancing loss (`router_aux_coef`)."""
 
-    def __init__(self, cfg: Config, tokenizer, ewc=None):
+    def __init__(self, cfg: Config, tokenizer, ewc=None, aux_coef: float = 0.0):
         self.full_logits = cfg.train.strategy == "fsdp"  # see target_logits
         self.key_sequences = key_term_sequences(tokenizer, cfg.train.key_terms) if cfg.train.key_terms else []
         self.key_weight = cfg.train.key_term_weight
         self.ewc = ewc  # distillery.train.ewc.EwcPenalty or None
+        self.aux_coef = aux_coef
 
     def extra_modules(self) -> list[torch.nn.Module]:
         return []
@@ -136,12 +155,14 @@ class CrossEntropyObjective:
         return torch.where(hit, self.key_weight, 1.0)
 
     def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits, targets, mask = target_logits(model, batch, self.full_logits)
+        logits, targets, mask, aux = target_logits(model, batch, self.full_logits, router_aux=self.aux_coef > 0)
         nll = F.cross_entropy(logits.float(), targets, reduction="none")  # (n,)
         weights = self.token_weights(batch)
         w = torch.ones_like(nll) if weights is None else weights[mask].to(nll.dtype)
         ce = (nll * w).sum() / w.sum().clamp_min(1.0)
-        return ce, {"ce_loss": ce.item()}
+        if aux is None:
+            return ce, {"ce_loss": ce.item()}
+        return ce + self.aux_coef * aux, {"ce_loss": ce.item(), "router_aux_loss": aux.item()}
 
     def after_backward(self, model) -> dict[str, float]:
         """Once per optimiser step, after the last backward: EWC adds its gradient (and reports its value)."""
@@ -153,7 +174,7 @@ class CrossEntropyObjective:
 
     @torch.no_grad()
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
-        logits, targets, _ = target_logits(model, batch, self.full_logits)
+        logits, targets, _, _ = target_logits(model, batch, self.full_logits)
         nll = F.cross_entropy(logits.float(), targets, reduction="sum")
         return {"nll": nll.item(), "tokens": float(targets.numel())}
 

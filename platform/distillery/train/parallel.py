@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from distillery.config import Config
-from distillery.models.plan import decoder_layers
+from distillery.models.structure import decoder_layers
 
 
 def wrap_model(model, cfg: Config, device: torch.device, world: int):

@@ -21,6 +21,7 @@ from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
 from distillery.files import write_text_atomic
 from distillery.models.load import model_config
+from distillery.models.structure import is_moe_config
 from distillery.models.plan import check_method
 from distillery.ray_compat import registered_checkpoints
 from distillery.runtime import ensure_ray
@@ -39,7 +40,13 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
     load_manifest(cfg.prepared_dir)
     # Here rather than only in the workers: a trial or run whose plan cannot work (too many frozen
     # layers, a method not built yet) fails before any Ray Train worker starts.
-    check_method(cfg.method, model_config(cfg.model.path))
+    student = model_config(cfg.model.path)
+    check_method(cfg.method, student)
+    if cfg.train.router_aux_loss_coef and not is_moe_config(student):
+        raise ConfigError(
+            f"train.router_aux_loss_coef: the router load-balancing loss is for mixture-of-experts models; "
+            f"{cfg.model.path} is a dense '{getattr(student, 'model_type', '?')}' model (unset it)"
+        )
     method.validate(cfg)
 
 
