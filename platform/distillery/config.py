@@ -270,6 +270,16 @@ class DistillConfig(Section):
                 f"cache_backend vllm cannot sample the teacher's tail (cache_samples {self.cache_samples}): vLLM reports only "
                 f"the top-k prompt logprobs; use distill.cache_backend=hf (or auto), or distill.cache_samples=0 for a plain top-k cache"
             )
+        if self.stages:
+            moving = [k for k in ("temperature_schedule", "alpha_schedule")
+                      if getattr(self, k).kind != "constant" or getattr(self, k).end is not None]
+            if moving:
+                raise ValueError(
+                    f"stages and {moving[0]} do not combine: during stages each stage sets its own temperature and alpha; "
+                    f"put the values in the stages, or drop the stages to use the schedule"
+                )
+            if self.hidden is None and any(st.hidden_weight for st in self.stages):
+                raise ValueError("stages set hidden_weight but distill.hidden is not set: add distill.hidden (the layers to match)")
         end = self.temperature_schedule.end
         if end is not None and end <= 0:
             raise ValueError(f"temperature_schedule.end must be above 0 (the logits are divided by it), got {end}")

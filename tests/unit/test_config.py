@@ -191,9 +191,12 @@ def test_apply_override_creates_sections():
     ("data.min_length=600", "min_length (600) is above max_length (512)"),
     ("serve.autoscaling={min_replicas: 3, max_replicas: 2}", "min_replicas (3) is above max_replicas (2)"),
     ("serve.api_key_file=/k", "api_key_env or api_key_file, not both"),
+    ("distill.stages=[{steps: 5}]", "stages and alpha_schedule do not combine"),
+    ("distill.stages=[{steps: 5, hidden_weight: 1}]", "stages set hidden_weight but distill.hidden is not set"),
 ])
 def test_ranges_that_break_runs_later_fail_at_load(override, words):
     extra = ["serve.api_key_env=KEY"] if "api_key_file" in override else []
+    extra += ["distill.alpha_schedule={kind: linear, end: 0.2}"] if "steps: 5}" in override else []
     with pytest.raises(ConfigError) as e:
         load_config(overrides=[override, *extra])
     assert words in str(e.value)

@@ -66,7 +66,7 @@ def test_missing_frozen_layers_fail_before_ray(tmp_path, prepared_tiny, tiny_tea
                                              "method.kind=freeze", "method.freeze.trainable_layers=-2"]), FINETUNE)
 
 
-def test_settings_that_cannot_work_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher):
+def test_settings_that_cannot_work_fail_before_ray(tmp_path, prepared_tiny, tiny_teacher, tiny_student):
     """ESFT and a router loss on a dense model, EWC without the previous task's data, and
     fine-tuning-only keys under distill fail in `validate_training`, not inside the workers."""
     from distillery.distill.method import DISTILL
@@ -89,6 +89,10 @@ def test_settings_that_cannot_work_fail_before_ray(tmp_path, prepared_tiny, tiny
     with pytest.raises(ConfigError, match="train.ewc.lambda: applies to `distillery finetune` only"):
         validate_training(load_config(overrides=base + teacher + ["train.ewc.lambda=1"]), DISTILL)
     validate_training(load_config(overrides=base + teacher), DISTILL)
+    one_head = [f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_student}"] + teacher
+    with pytest.raises(ConfigError, match="distill.hidden.attention_weight: .* the student has 1 attention heads and the teacher 2"):
+        validate_training(load_config(overrides=one_head + ["distill.hidden={attention_weight: 0.5}"]), DISTILL)
+    validate_training(load_config(overrides=one_head + ["distill.hidden={weight: 1.0}"]), DISTILL)
 
 
 def test_optimizer_is_fused_adamw_with_the_default_update(tiny_teacher):
@@ -340,3 +344,34 @@ def test_training_stages_get_their_own_default_run_directory(tmp_path):
     yaml_named = tmp_path / "c.yaml"
     yaml_named.write_text("output_dir: runs/x\n")
     assert with_run_dir(load_config(str(yaml_named)), FINETUNE).output_dir == "runs/x"
+
+
+def test_checkpoint_keeps_extra_modules_and_their_optimiser(tmp_path, tiny_student):
+    """Feature projections train outside the model with their own AdamW (DCP's optimiser state is
+    keyed by the model's parameter names); a checkpoint restores both, weights and moments."""
+    from distillery.train.checkpoint import ExtraState, TrainState, load_checkpoint, save_checkpoint
+
+    def build():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_student)
+        proj = torch.nn.Linear(4, 8)
+        opts = [torch.optim.AdamW(model.parameters(), lr=1e-2), torch.optim.AdamW(proj.parameters(), lr=1e-2)]
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1)) for o in opts]
+        return model, proj, opts, scheds
+
+    model, proj, opts, scheds = build()
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    for _ in range(2):
+        (model(input_ids=ids, labels=ids).loss + proj(torch.ones(4)).pow(2).sum()).backward()
+        for o, s in zip(opts, scheds):
+            o.step()
+            o.zero_grad()
+            s.step()
+    save_checkpoint(str(tmp_path), model, opts[0], scheds[0], TrainState(step=2), 0, ExtraState([proj], opts[1], scheds[1]))
+    model2, proj2, opts2, scheds2 = build()
+    state = load_checkpoint(str(tmp_path), model2, opts2[0], scheds2[0], 0, ExtraState([proj2], opts2[1], scheds2[1]))
+    assert state.step == 2
+    assert torch.equal(proj2.weight, proj.weight) and not torch.equal(proj2.weight, build()[1].weight)
+    assert torch.equal(opts2[1].state[proj2.weight]["exp_avg"], opts[1].state[proj.weight]["exp_avg"])
+    assert scheds2[1].last_epoch == 2
+    assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters()))

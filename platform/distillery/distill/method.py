@@ -75,6 +75,13 @@ def validate_distill(cfg: Config) -> None:
     for i, (path, _) in enumerate(specs):
         key = f"model.teachers.{i}" if cfg.model.teachers else "model.teacher"
         check_vocab(model_config(path).vocab_size, student_vocab, teacher=f"{key} {path}", student=str(cfg.model.path))
+    if cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0:
+        s_heads, t_heads = model_config(cfg.model.path).num_attention_heads, model_config(specs[0][0]).num_attention_heads
+        if s_heads != t_heads:
+            raise ConfigError(
+                f"distill.hidden.attention_weight: attention maps are matched head by head; the student has {s_heads} "
+                f"attention heads and the teacher {t_heads} (set attention_weight 0, or use a student with {t_heads} heads)"
+            )
 
 
 def teachers_identity(cfg: Config) -> str:

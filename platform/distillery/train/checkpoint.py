@@ -38,8 +38,33 @@ class TrainState:
     last_val: dict | None = None
 
 
-def save_checkpoint(directory: str, model, optimizer, scheduler, state: TrainState, rank: int) -> None:
-    """Sharded model + optimiser through DCP; scheduler, data position (rank 0) and RNG (every rank) beside it."""
+@dataclass
+class ExtraState:
+    """Trainable modules outside the model (e.g. feature projections), with their own optimiser and
+    schedule: DCP maps optimiser state to the model's parameter names, so these cannot share the
+    model's optimiser. They are replicated on every rank (their gradients are all-reduced) and
+    saved whole by rank 0."""
+
+    modules: list[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    FILE = "extra_modules.pt"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"modules": [m.state_dict() for m in self.modules], "optim": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        for module, sd in zip(self.modules, saved["modules"], strict=True):
+            module.load_state_dict(sd)
+        self.optimizer.load_state_dict(saved["optim"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, state: TrainState, rank: int, extra: ExtraState | None = None) -> None:
+    """Sharded model + optimiser through DCP; scheduler, data position and extra modules (rank 0)
+    and RNG (every rank) beside it."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -50,9 +75,11 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, state: TrainSta
     if rank == 0:
         with open(os.path.join(directory, "trainer_state.json"), "w") as f:
             json.dump({**asdict(state), "scheduler": scheduler.state_dict()}, f, default=str)
+        if extra is not None:
+            torch.save(extra.state_dict(), os.path.join(directory, ExtraState.FILE))
 
 
-def load_checkpoint(directory: str, model, optimizer, scheduler, rank: int) -> TrainState:
+def load_checkpoint(directory: str, model, optimizer, scheduler, rank: int, extra: ExtraState | None = None) -> TrainState:
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -61,6 +88,8 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, rank: int) -> T
     state_dict = {"model": msd, "optim": osd}
     dcp.load(state_dict, checkpoint_id=os.path.join(directory, "dcp"))
     set_state_dict(model, optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optim"])
+    if extra is not None:
+        extra.load_state_dict(torch.load(os.path.join(directory, ExtraState.FILE), weights_only=False))
     rng = os.path.join(directory, f"rng_rank{rank}.safetensors")
     if os.path.exists(rng):
         torch.set_rng_state(load_file(rng)["cpu"])

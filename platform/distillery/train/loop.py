@@ -29,7 +29,7 @@ from distillery.models.load import load_causal_lm, load_tokenizer, resolve_model
 from distillery.models.experts import ExpertSlices
 from distillery.models.plan import apply_method
 from distillery.train.batches import ValidationBatches, micro_batches, to_device
-from distillery.train.checkpoint import MetricsLog, TrainState, export_model, load_checkpoint, save_checkpoint
+from distillery.train.checkpoint import ExtraState, MetricsLog, TrainState, export_model, load_checkpoint, save_checkpoint
 from distillery.train.collate import collate
 from distillery.train.esft import choose_experts, record_choice
 from distillery.train.method import TrainingMethod
@@ -151,11 +151,21 @@ class Worker:
 
     def _setup_optimizer(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.extra = [p for m in self.objective.extra_modules() for p in m.parameters()]
-        main = self.slices.param_groups(self.params) if self.slices else [{"params": self.params}]
-        groups = main + ([{"params": self.extra}] if self.extra else [])
+        groups = self.slices.param_groups(self.params) if self.slices else [{"params": self.params}]
         self.optimizer = build_optimizer(groups, self.cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.cfg, self.total_steps))
+        modules = self.objective.extra_modules()
+        self.extra = [p for m in modules for p in m.parameters()]
+        self.extra_state = None
+        if self.extra:  # same AdamW settings and schedule, a separate optimiser (train/checkpoint.py, ExtraState)
+            opt = build_optimizer([{"params": self.extra}], self.cfg)
+            self.extra_state = ExtraState(modules, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(self.cfg, self.total_steps)))
+        self.optimizers = [self.optimizer] + ([self.extra_state.optimizer] if self.extra_state else [])
+        self.schedulers = [self.scheduler] + ([self.extra_state.scheduler] if self.extra_state else [])
+
+    def _zero_grad(self) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
 
     def _restore(self) -> None:
         import ray.train
@@ -164,7 +174,7 @@ class Worker:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint:
             with checkpoint.as_directory() as d:
-                self.state = load_checkpoint(d, self.model, self.optimizer, self.scheduler, self.rank)
+                self.state = load_checkpoint(d, self.model, self.optimizer, self.scheduler, self.rank, self.extra_state)
             self.say(f"resumed from checkpoint at step {self.state.step} (epoch {self.state.epoch}, "
                      f"micro-batch {self.state.micro_in_epoch})")
         self.log = MetricsLog(self.cfg, self.rank, self.state.step)
@@ -207,7 +217,7 @@ class Worker:
             try:
                 batch = to_device(next(self.stream), self.device)
             except StopIteration:
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 return None
             state.micro_in_epoch += 1
             self._trace_rows(batch)
@@ -234,15 +244,17 @@ class Worker:
         sums = all_reduce_sums({"loss": loss, "tokens": tokens, "nonfinite": float(not finite), **step_metrics}, self.device)
         skipped = sums.pop("nonfinite") > 0
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)  # no update from this step: the weights stay finite
+            self._zero_grad()  # no update from this step: the weights stay finite
             state.nonfinite_in_row += 1
         else:
             if self.slices:
                 self.slices.decay(self.scheduler.get_last_lr()[0])
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            for opt in self.optimizers:
+                opt.step()
+            self._zero_grad()
             state.nonfinite_in_row = 0
-        self.scheduler.step()
+        for sched in self.schedulers:
+            sched.step()
         state.step += 1
         record = self._record(sums, grad_norm, skipped)
         if skipped:
@@ -309,7 +321,7 @@ class Worker:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as d:
-            save_checkpoint(d, self.model, self.optimizer, self.scheduler, state, self.rank)
+            save_checkpoint(d, self.model, self.optimizer, self.scheduler, state, self.rank, self.extra_state)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
 
     def _early_stop(self) -> bool:
