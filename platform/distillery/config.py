@@ -101,6 +101,14 @@ class WindowConfig(Section):
         return self
 
 
+class BalanceConfig(Section):
+    by: Literal["label", "source"] = Field(description="Balance training rows over classes (a row's `label` field, else its response text) or over sources.")
+    strategy: Literal["upsample", "downsample"] = Field(
+        "upsample", description="`upsample` repeats training rows of the rarer groups up to the largest; `downsample` keeps a share of the larger groups' rows down to the smallest."
+    )
+    max_groups: int = Field(64, ge=2, description="Most distinct labels `by: label` accepts (more means the responses are not class labels).")
+
+
 class DataConfig(Section):
     sources: list[SourceConfig] = Field(default_factory=list, description="Corpora to prepare and mix.")
     max_length: int = Field(512, ge=8, description="Maximum tokens per training example (longer rows are truncated or windowed).")
@@ -117,12 +125,16 @@ class DataConfig(Section):
     chat_template: str | None = Field(None, description="Jinja chat template to use instead of the tokenizer's own.")
     packing: bool = Field(False, description="Pack several short examples into one `max_length` sequence.")
     window: WindowConfig | None = Field(None, description="Sliding windows for long `text` documents instead of truncation.")
+    balance: BalanceConfig | None = Field(None, description="Balance the training split by label or by source after the mix (val and test keep the data as it is).")
     prepared: str | None = Field(None, description="Where prepared splits live; default `<output_dir>/data`.")
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> "DataConfig":
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be below 1, or nothing is left to train on")
+        if self.balance is not None and self.balance.by == "source" and any(s.weight != 1.0 for s in self.sources):
+            raise ValueError("balance.by source gives every source the same share of training rows; source weights say otherwise: "
+                             "drop the weights, or drop balance and let the weights set the mix")
         if self.min_length > self.max_length:
             raise ValueError(f"min_length ({self.min_length}) is above max_length ({self.max_length}): every row would be filtered out")
         return self

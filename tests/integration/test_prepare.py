@@ -342,3 +342,73 @@ def test_driver_drops_only_known_noise(ray_local, capsys):
         err += capsys.readouterr().err
     assert "a real warning from a worker" in err
     assert NOISE[0] not in err
+
+
+def _classified(path: Path, counts: dict[str, int]) -> Path:
+    """Instruction rows whose output is the class: `counts` rows of each class, distinct prompts."""
+    rng = random.Random(5)
+    rows = [{"instruction": f"Classify the review: {text_row(rng.randrange(10**9), 8)}", "output": c}
+            for c, n in counts.items() for _ in range(n)]
+    rng.shuffle(rows)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("strategy", ["upsample", "downsample"])
+def test_balance_by_label_evens_the_training_split_only(ray_local, tmp_path, tiny_teacher, strategy):
+    from collections import Counter
+
+    from distillery.data.prepare import prepare
+
+    src = _classified(tmp_path / "reviews.jsonl", {"pos": 300, "neg": 120, "neu": 40})
+    cfg = validate_tree({"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_teacher)}, "data": {
+        "sources": [{"path": str(src), "format": "instruction"}], "max_length": 96, "val_fraction": 0.1, "test_fraction": 0.1,
+        "balance": {"by": "label", "strategy": strategy}}}, "test")
+    m = prepare(cfg)
+    def cls(r):  # the rendered response: the class, then the chat template's end of turn
+        return r["response"].split("<|im_end|>")[0]
+
+    train = Counter(cls(r) for r in rows_of(cfg.prepared_dir, "train"))
+    held = Counter(cls(r) for s in ("val", "test") for r in rows_of(cfg.prepared_dir, s))
+    assert set(train) == {"pos", "neg", "neu"}
+    shares = {c: n / sum(train.values()) for c, n in train.items()}
+    assert all(abs(v - 1 / 3) < 0.06 for v in shares.values()), shares
+    assert m["balance"]["achieved"] == pytest.approx(shares, abs=1e-3)
+    assert m["balance"]["by"] == "label" and m["balance"]["strategy"] == strategy
+    # val and test keep the data's own distribution, never repeated
+    assert held["pos"] > 3 * held["neu"]
+    ids = [r["row_id"] for r in rows_of(cfg.prepared_dir, "train")]
+    if strategy == "upsample":
+        assert train["pos"] <= 300 and sum(train.values()) > 300 and any("-r" in i for i in ids)
+        assert m["balance"]["factor"]["pos"] == 1.0 and m["balance"]["factor"]["neu"] > 5
+    else:
+        assert sum(train.values()) < 150 and not any("-r" in i for i in ids)
+        assert m["balance"]["factor"]["neu"] == 1.0 and m["balance"]["factor"]["pos"] < 0.2
+
+
+def test_balance_by_source_and_its_errors(ray_local, tmp_path, tiny_teacher):
+    from collections import Counter
+
+    from distillery.data.prepare import prepare
+
+    a = _classified(tmp_path / "a.jsonl", {"x": 240})
+    b = _classified(tmp_path / "b.jsonl", {"y": 60})
+    tree = {"output_dir": str(tmp_path / "out"), "model": {"path": str(tiny_teacher)}, "data": {
+        "sources": [{"path": str(a), "format": "instruction", "name": "a"}, {"path": str(b), "format": "instruction", "name": "b"}],
+        "max_length": 96, "balance": {"by": "source"}}}
+    cfg = validate_tree(tree, "test")
+    m = prepare(cfg)
+    train = Counter(r["source"] for r in rows_of(cfg.prepared_dir, "train"))
+    assert abs(train["a"] / sum(train.values()) - 0.5) < 0.06
+    assert m["balance"]["achieved"]["a"] == pytest.approx(train["a"] / sum(train.values()), abs=1e-3)
+    # Free-text responses are not classes: refused, naming the count, before anything is written.
+    text = tmp_path / "free.jsonl"
+    text.write_text("".join(json.dumps({"instruction": f"q{i}", "output": text_row(i, 5)}) + "\n" for i in range(120)))
+    tree["data"]["sources"] = [{"path": str(text), "format": "instruction"}]
+    tree["data"]["balance"] = {"by": "label", "max_groups": 10}
+    with pytest.raises(ConfigError, match=r"data.balance.by: label found 120 distinct labels \(max_groups 10\)"):
+        prepare(validate_tree(tree, "test"))
+    tree["data"]["sources"] = [{"path": str(a), "format": "instruction", "weight": 2}, {"path": str(b), "format": "instruction"}]
+    tree["data"]["balance"] = {"by": "source"}
+    with pytest.raises(ConfigError, match="balance.by source gives every source the same share"):
+        validate_tree(tree, "test")

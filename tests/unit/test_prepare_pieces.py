@@ -258,7 +258,7 @@ def test_near_by_setting_through_ingest_and_the_bucket_pass(tmp_path, tiny_teach
     for d in ("quarantine", "_stats"):
         (tmp / d).mkdir(parents=True)
     ctx = IngestContext(tokenizer=str(tiny_teacher), chat_template=None, seed=0, tmp=str(tmp), min_length=1, max_length=512,
-                        window=None, packing=False, dedupe=DedupeConfig(near_by=near_by), buckets=1, keep_messages=False)
+                        window=None, packing=False, dedupe=DedupeConfig(near_by=near_by), buckets=1, keep_messages=False, count_labels=False)
     (start, end, first), = index_file(str(path)).chunks
     chunk = {"source_idx": 0, "file_idx": 0, "source": "s", "format": "instruction", "file": str(path),
              "start": start, "end": end, "first_line": first}

@@ -40,6 +40,8 @@ class IngestContext:
     """Number of key buckets the dedupe keys are spread over (one pass-2 task each)."""
     keep_messages: bool
     """Stage each row's messages as JSON: only augmented copies are made from them."""
+    count_labels: bool
+    """Count kept rows per class (`data.balance.by: label`) in the stats."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class FinalizeContext(IngestContext):
     """Sorted int64 uids of the rows dedupe removed."""
     rates: dict[str, float]
     """{source: rows written per row it has} that bring each source to its mix weight."""
+    balance_by: str | None
+    """`data.balance.by` (label or source), or None: training rows are also scaled by `balance`."""
+    balance: dict[str, float]
+    """{label or source: factor on the mix rate of its training rows} that balances the training split."""
     val_fraction: float
     """`data.val_fraction`: share of rows the split hash sends to val."""
     test_fraction: float

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from distillery.data.augment import Synonyms, augment_messages, provenance
 from distillery.data.context import AugmentSettings, FinalizeContext
 from distillery.data.mix import copies_of, unit_hash
 from distillery.data.normalize import render
-from distillery.data.shared import no_gc, row_id, row_schema, worker_tokenizer
+from distillery.data.shared import no_gc, row_id, row_schema, worker_tokenizer, write_text
 from distillery.data.splits import SPLITS
 from distillery.data.tokenize import encode_batch, pack, truncate, windows
 
@@ -95,11 +96,14 @@ def select_table(batch, ctx: FinalizeContext, repeats: bool = True) -> tuple[Any
     seed, rates = ctx.seed, ctx.rates
     take, row_ids, splits = [], [], []
     counts: dict[tuple[str, str], SplitCounts] = {}
-    for i, (rid, source) in enumerate(zip(batch["row_id"].to_pylist(), batch["source"].to_pylist())):
-        rate = rates[source]
-        n = copies_of(rate, unit_hash("mix", seed, rid)) if rate != 1.0 else 1
+    sources = batch["source"].to_pylist()
+    # data.balance scales the mix rate of training rows by their group's factor.
+    groups = sources if ctx.balance_by == "source" else batch["group"].to_pylist() if ctx.balance_by == "label" else None
+    for i, (rid, source) in enumerate(zip(batch["row_id"].to_pylist(), sources)):
         u = unit_hash("split", seed, rid)
         split = "val" if u < ctx.val_fraction else "test" if u < ctx.val_fraction + ctx.test_fraction else "train"
+        rate = rates[source] * (ctx.balance.get(groups[i], 1.0) if groups is not None and split == "train" else 1.0)
+        n = copies_of(rate, unit_hash("mix", seed, rid)) if rate != 1.0 else 1
         c = counts.setdefault((split, source), SplitCounts())
         if n == 0:
             c.mixed_out += 1
@@ -151,10 +155,22 @@ def finalize_batch(batch, ctx: FinalizeContext):
     written. Returns their summary (split_summary) with the mix's selection counts added."""
     with no_gc():
         table, selection = select_table(batch, ctx)
+        if ctx.balance_by:
+            _record_balance(table, ctx)
         acc = {(r["split"], r["source"]): SplitCounts.from_row(r) for r in _write_selected(table, ctx).to_pylist()}
     for key, counts in selection.items():
         acc.setdefault(key, SplitCounts()).add(counts)
     return summary_table(acc)
+
+
+def _record_balance(table, ctx: FinalizeContext) -> None:
+    """Training rows selected per balance group (repeats count) to `_balance/`, for the manifest's
+    achieved ratios."""
+    import uuid
+
+    key = "source" if ctx.balance_by == "source" else "group"
+    counts = Counter(g for g, split in zip(table[key].to_pylist(), table["split"].to_pylist()) if split == "train")
+    write_text(f"{ctx.tmp}/_balance/{uuid.uuid4().hex}.json", json.dumps(counts))
 
 
 def _write_selected(table, ctx: FinalizeContext):

@@ -18,6 +18,7 @@ import numpy as np
 
 from distillery.data import dedupe as dd
 from distillery.data.context import IngestContext
+from distillery.data.mix import balance_key
 from distillery.data.normalize import content_text, dedupe_texts, normalize_fields, render, to_messages
 from distillery.data.read import read_chunk
 from distillery.data.shared import no_gc, row_id, row_schema, tokenizer_identity, worker_tokenizer, write_text
@@ -135,6 +136,7 @@ class _ChunkIngest:
             "messages": json.dumps(messages if messages is not None else [{"role": "text", "content": fields["text"]}],
                                    ensure_ascii=False) if ctx.keep_messages else None,
             "label": _passthrough(fields["label"]), "metadata": _passthrough(fields["metadata"]),
+            "group": balance_key(_passthrough(fields["label"]), messages, fields.get("text")) if ctx.count_labels else None,
             **self._near_texts(messages, fields.get("text")),
         })
 
@@ -172,7 +174,10 @@ class _ChunkIngest:
         num_tokens = [len(x) for x in ids_col]
         self.stats["rows"] += len(rows)
         self.stats["tokens"] += sum(num_tokens)
-        cols = {k: [r[k] for r in rows] for k in ("row_id", "source", "prompt", "response", "label", "metadata", "uid", "messages")}
+        if ctx.count_labels:  # data.balance.by: label sets its rates from these
+            for r in rows:
+                self.stats["label:" + r["group"]] += 1
+        cols = {k: [r[k] for r in rows] for k in ("row_id", "source", "prompt", "response", "label", "metadata", "uid", "messages", "group")}
         return pa.table({**cols, "input_ids": ids_col, "labels": labels_col, "num_tokens": num_tokens,
                          "augment": [""] * len(rows)}, schema=self.schema)
 

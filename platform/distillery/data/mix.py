@@ -1,4 +1,5 @@
-"""Mixing sources to their weights: per-source keep rates, and the achieved ratios to report.
+"""Mixing sources to their weights: per-source keep rates, and the achieved ratios to report;
+and balancing the training split over labels or sources (`data.balance`) the same way.
 
 Every source's share (of rows or tokens) is brought to its normalised weight. Downsampling keeps
 the scarcest source (relative to its weight) whole and keeps a fraction of every other source's
@@ -42,3 +43,15 @@ def unit_hash(*parts: object) -> float:
 def ratios(amounts: dict[str, float]) -> dict[str, float]:
     total = sum(amounts.values()) or 1
     return {s: round(a / total, 4) for s, a in amounts.items()}
+
+
+def balance_key(label: str | None, messages: list[dict] | None, text: str | None) -> str:
+    """The class of a row for `data.balance.by: label`: its `label` field, else the content of its
+    last assistant turn (a plain-text row: its text), stripped."""
+    if label is not None:
+        return label
+    if messages:
+        answers = [m["content"] for m in messages if m.get("role") == "assistant"]
+        if answers:
+            return answers[-1].strip()
+    return (text or "").strip()

@@ -134,7 +134,8 @@ def prepare(cfg: Config, log=None) -> dict:
 
         dups = _dedupe(ingest_ctx, data, names, log)
         kept_rows, rates = _mix_rates(data, names, stats, dups)
-        ctx = _finalize_context(ingest_ctx, cfg, dups, rates, synonyms)
+        balance = _balance_rates(data, names, stats, kept_rows, rates)
+        ctx = _finalize_context(ingest_ctx, cfg, dups, rates, balance, synonyms)
         totals = _run_finalize(ctx, data.augment)
         splits, fingerprint = _fingerprint(totals)
         shutil.rmtree(f"{tmp}/_stats", ignore_errors=True)
@@ -143,6 +144,9 @@ def prepare(cfg: Config, log=None) -> dict:
         accounting = _accounting(names, stats, dups, totals)
         manifest = _manifest(cfg, tok_path, fingerprint, splits, stats, dups, kept_rows, mix, corpus, t0)
         manifest["accounting"] = accounting
+        if data.balance is not None:
+            manifest["balance"] = _balance_report(data, balance, tmp)
+        shutil.rmtree(f"{tmp}/_balance", ignore_errors=True)
         with open(f"{tmp}/{MANIFEST}", "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         _install(tmp, final)
@@ -190,6 +194,7 @@ def _fresh_tmp(final: str) -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(f"{tmp}/quarantine", exist_ok=True)
     os.makedirs(f"{tmp}/_stats", exist_ok=True)
+    os.makedirs(f"{tmp}/_balance", exist_ok=True)
     return tmp
 
 
@@ -240,6 +245,7 @@ def _ingest_context(cfg: Config, tok_path: str, tmp: str, corpus: Corpus) -> Ing
         buckets=int(max(corpus.cpus, min(4096, corpus.size // (32 << 20) + 1))),
         # Augmented copies are made from the rows' messages; nothing else reads them after ingest.
         keep_messages=bool(aug.copies and (aug.synonyms or aug.reorder or aug.back_translate)),
+        count_labels=data.balance is not None and data.balance.by == "label",
     )
 
 
@@ -364,12 +370,53 @@ def _mix_rates(data: DataConfig, names: list[str], stats: IngestStats, dups: Dup
 # --------------------------------------------------------------------------- pass 3: finalise
 
 
+def _balance_rates(data: DataConfig, names: list[str], stats: IngestStats, kept_rows: dict[str, int],
+                   rates: dict[str, float]) -> dict[str, float]:
+    """{label or source: factor on its training rows' mix rate} that gives every group the same
+    number of training rows after the mix ({} without `data.balance`). Label counts come from
+    ingest (before dedupe, so the achieved ratios, measured on the written split, can differ a little)."""
+    bal = data.balance
+    if bal is None:
+        return {}
+    if bal.by == "source":
+        amounts = {n: kept_rows[n] * rates[n] for n in names}
+    else:
+        amounts: dict[str, float] = {}
+        for n in names:
+            for key, count in stats.per_source[n].items():
+                if key.startswith("label:"):
+                    label = key[len("label:"):]
+                    amounts[label] = amounts.get(label, 0.0) + count * rates[n]
+        if len(amounts) > bal.max_groups:
+            raise ConfigError(
+                f"data.balance.by: label found {len(amounts):,} distinct labels (max_groups {bal.max_groups}): the rows' responses "
+                f"are not class labels; give each row a `label` field, raise data.balance.max_groups, or drop data.balance"
+            )
+    if len(amounts) < 2:
+        raise ConfigError(f"data.balance.by: {bal.by} found {len(amounts)} group(s) in the data; balancing needs at least 2")
+    return keep_rates(amounts, {g: 1.0 for g in amounts}, upsample=bal.strategy == "upsample")
+
+
+def _balance_report(data: DataConfig, balance: dict[str, float], tmp: str) -> dict:
+    """The manifest's `balance`: the achieved share of each group among the selected training rows
+    (repeats count; augmented copies do not), next to the factor applied to its mix rate."""
+    counts: Counter = Counter()
+    d = f"{tmp}/_balance"
+    for name in os.listdir(d):
+        with open(f"{d}/{name}", encoding="utf-8") as f:
+            counts.update(json.load(f))
+    bal = data.balance
+    return {"by": bal.by, "strategy": bal.strategy, "target": {g: round(1 / len(balance), 4) for g in balance},
+            "achieved": ratios({g: counts.get(g, 0) for g in balance}), "factor": {g: round(f, 6) for g, f in balance.items()}}
+
+
 def _finalize_context(ingest: IngestContext, cfg: Config, dups: Duplicates, rates: dict[str, float],
-                      synonyms: SynonymSettings | None) -> FinalizeContext:
-    """The settings of the finalise tasks: the ingest ones plus duplicates, keep rates, split and augmentation."""
+                      balance: dict[str, float], synonyms: SynonymSettings | None) -> FinalizeContext:
+    """The settings of the finalise tasks: the ingest ones plus duplicates, keep rates, balance, split and augmentation."""
     data, aug = cfg.data, cfg.data.augment
     return FinalizeContext.extending(
         ingest, dups=np.array(sorted(dups.uids), dtype=np.int64), rates=rates,
+        balance_by=data.balance.by if data.balance else None, balance=balance,
         val_fraction=data.val_fraction, test_fraction=data.test_fraction,
         augment=AugmentSettings(copies=aug.copies, seed=cfg.seed if aug.seed is None else aug.seed, synonyms=synonyms,
                                 reorder=aug.reorder.probability if aug.reorder else None),
@@ -546,5 +593,10 @@ def run_prepare(cfg: Config) -> int:
     print(f"prepare: mix ({m['mix']['by']}, {m['mix']['strategy']}) " + ", ".join(
         f"{n} target {m['mix']['target'][n]:.3f} achieved {m['mix']['achieved'][n]:.3f} (rate {m['mix']['keep_rate'][n]:.3g})"
         for n in m["mix"]["target"]))
+    if "balance" in m:
+        b = m["balance"]
+        print(f"prepare: balance by {b['by']} ({b['strategy']}) " + ", ".join(
+            f"{g!r} achieved {b['achieved'].get(g, 0):.3f} (x{b['factor'][g]:.3g})" for g in list(b["factor"])[:12])
+            + (f", ... {len(b['factor']) - 12} more" if len(b["factor"]) > 12 else "") + f"; target {1 / len(b['factor']):.3f} each")
     print(f"prepare: wrote {cfg.prepared_dir} (fingerprint {m['fingerprint'][:16]}) in {time.time() - t0:.1f}s", flush=True)
     return 0

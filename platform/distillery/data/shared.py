@@ -19,8 +19,8 @@ def row_id(prompt: str, response: str) -> str:
 
 
 def row_schema(with_keys: bool):
-    """The Arrow schema of the rows: staged by ingest (`with_keys`: uid and messages, which only
-    the later passes read) or written by finalise (with the `split` column instead)."""
+    """The Arrow schema of the rows: staged by ingest (`with_keys`: uid, messages and group, which
+    only the later passes read) or written by finalise (with the `split` column instead)."""
     import pyarrow as pa
 
     fields = [
@@ -28,8 +28,8 @@ def row_schema(with_keys: bool):
         ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())), ("num_tokens", pa.int32()),
         ("augment", pa.string()), ("label", pa.string()), ("metadata", pa.string()),
     ]
-    if with_keys:
-        fields += [("uid", pa.int64()), ("messages", pa.string())]
+    if with_keys:  # group: the row's class for data.balance.by label (null otherwise)
+        fields += [("uid", pa.int64()), ("messages", pa.string()), ("group", pa.string())]
     else:
         fields += [("split", pa.string())]
     return pa.schema(fields)

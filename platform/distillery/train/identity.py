@@ -31,7 +31,7 @@ IDENTITY_FILE = "run_identity.json"
 RESUME_NEUTRAL = (
     "output_dir", "serve", "eval", "tune",
     "data.sources", "data.augment", "data.dedupe", "data.mix_by", "data.mix_strategy", "data.chat_template",
-    "data.packing", "data.window", "data.min_length", "data.val_fraction", "data.test_fraction", "data.prepared",
+    "data.packing", "data.window", "data.balance", "data.min_length", "data.val_fraction", "data.test_fraction", "data.prepared",
     "model.path", "model.teacher", "model.teachers", "model.tokenizer",  # by content below, not by path
     "distill.cache", "distill.cache_backend", "distill.cache_batch_size", "distill.cache_actors",
     "train.max_failures", "train.trace_rows", "train.keep_checkpoints", "train.checkpoint_every", "train.eval_every",
