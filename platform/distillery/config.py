@@ -312,6 +312,11 @@ class EwcConfig(Section):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
 
+class CurriculumConfig(Section):
+    by: Literal["length", "teacher_loss"] = Field(description="Difficulty of a training row: its length in tokens, or the teacher's mean loss on its response (needs model.teacher).")
+    stages: int = Field(3, ge=1, description="Equal-count groups of increasing difficulty, trained in order every epoch (rows keep a hashed order within a group).")
+
+
 class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each; one GPU each when use_gpu).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
@@ -347,6 +352,7 @@ class TrainConfig(Section):
     )
     ewc: EwcConfig = Field(default_factory=EwcConfig, description="Elastic weight consolidation against forgetting a previous task.")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 mixed precision on GPU, fp32 on CPU.")
+    curriculum: CurriculumConfig | None = Field(None, description="Order training rows from easy to hard (null: the prepared order).")
     trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from distillery.config import load_config
+from distillery.train.curriculum import curriculum_ranks
 from distillery.train.finetune import run_finetune
 
 pytestmark = pytest.mark.slow
@@ -177,6 +178,36 @@ def test_esft_under_fsdp_trains_only_the_chosen_experts(tmp_path, prepared_tiny,
     assert len(aux) == 6 and all(a > 0 for a in aux)
     report = json.loads((run / "run.json").read_text())["metrics"]
     assert report["trainable_fraction"] == pytest.approx(record["trainable_fraction"])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("by", ["length", "teacher_loss"])
+def test_curriculum_trains_stages_from_easy_to_hard(tmp_path, prepared_tiny, tiny_teacher, tiny_student, by):
+    """One epoch in curriculum order, read back from the row trace: every row of a stage is at most
+    as hard as every row of the next, by length or by the teacher's stored loss per row."""
+    run = tmp_path / by
+    cfg = _cfg(run, prepared_tiny, tiny_student, f"train.curriculum={{by: {by}, stages: 3}}", f"model.teacher={tiny_teacher}",
+               "train.strategy=none", "train.batch_size=16", "train.max_steps=null", "train.epochs=1", "train.trace_rows=true",
+               "train.eval_every=null")
+    assert run_finetune(cfg) == 0
+    summary = json.loads((run / "curriculum.json").read_text())
+    assert summary["by"] == by and summary["stages"] == 3 and summary["stage_upper_bounds"] == sorted(summary["stage_upper_bounds"])
+    if by == "length":
+        table = pq.read_table(prepared_tiny / "train", columns=["row_id", "num_tokens"])
+        difficulty = dict(zip(table["row_id"].to_pylist(), table["num_tokens"].to_pylist()))
+    else:
+        (scores,) = (prepared_tiny / "curriculum").glob("*.parquet")
+        table = pq.read_table(scores)
+        difficulty = dict(zip(table["row_id"].to_pylist(), table["difficulty"].to_pylist()))
+        assert json.loads((run / "run_identity.json").read_text())["curriculum_teacher"]
+    seen = [rid for batch in _traced_batches(run, 1) for rid in batch[0]]
+    assert len(seen) >= 0.9 * len(difficulty) and len(set(seen)) == len(seen)
+    ranks, _ = curriculum_ranks(difficulty, 3, cfg.seed)
+    assert seen == sorted(ranks, key=ranks.get)[: len(seen)]  # exactly the planned order
+    cut = [-(-k * len(ranks) // 3) for k in range(4)]  # stage k holds positions i with i*3//n == k
+    thirds = [seen[cut[k] : cut[k + 1]] for k in range(3)]
+    for easier, harder in zip(thirds, thirds[1:]):
+        assert max(difficulty[r] for r in easier) <= min(difficulty[r] for r in harder)
 
 
 def _wait_for_step(trace: Path, step: int, timeout: float) -> None:

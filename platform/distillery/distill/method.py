@@ -11,7 +11,6 @@ stream the prepared splits and run the teacher; in cached mode they stream the t
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
@@ -20,7 +19,7 @@ from distillery.config import Config, ConfigError
 from distillery.distill.losses import check_vocab
 from distillery.distill.objective import DistillObjective, attn_implementation
 from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, load_cache_manifest, read_cache
-from distillery.models.load import model_config, model_identity
+from distillery.models.load import model_config, teachers_identity
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
 
@@ -49,7 +48,7 @@ class Distill:
         if cfg.distill.teacher_mode == "cached":
             built_by = load_cache_manifest(cfg.teacher_cache_dir).get("teacher", {})
             return {"teacher": built_by.get("hash"), "teacher_source": "cache"}
-        return {"teacher": teachers_identity(cfg), "teacher_source": "online"}
+        return {"teacher": teachers_identity(cfg.model.teacher_specs), "teacher_source": "online"}
 
 
 DISTILL = Distill()
@@ -82,17 +81,6 @@ def validate_distill(cfg: Config) -> None:
                 f"distill.hidden.attention_weight: attention maps are matched head by head; the student has {s_heads} "
                 f"attention heads and the teacher {t_heads} (set attention_weight 0, or use a student with {t_heads} heads)"
             )
-
-
-def teachers_identity(cfg: Config) -> str:
-    """The content hash of `model.teacher`, or for several teachers one hash over their hashes and weights."""
-    specs = cfg.model.teacher_specs
-    if len(specs) == 1:
-        return model_identity(specs[0][0])["hash"]
-    h = hashlib.sha256()
-    for path, weight in specs:
-        h.update(f"{model_identity(path)['hash']}:{weight:.6g};".encode())
-    return h.hexdigest()
 
 
 def run_distill(cfg: Config) -> int:

@@ -119,7 +119,7 @@ def teachers_vocab_size(specs: list[tuple[str, float]]) -> int:
 def cache_teacher_identity(specs: list[tuple[str, float]]) -> dict[str, Any]:
     """What a cache was built from: one teacher's `model_identity` ({path, hash}); for several, their
     paths, one hash over every (content hash, normalised weight) pair (the same hash an online run's
-    identity has, `distillery.distill.method.teachers_identity`), and each teacher's own entry."""
+    identity has, `distillery.models.load.teachers_identity`), and each teacher's own entry."""
     if len(specs) == 1:
         return model_identity(specs[0][0])
     members = [{**model_identity(path), "weight": weight} for path, weight in specs]

@@ -98,3 +98,14 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
                 f.seek(max(size - (1 << 20), 0))
                 h.update(f.read(1 << 20))
     return {"path": str(path), "hash": h.hexdigest()}
+
+
+def teachers_identity(specs: list[tuple[str, float]]) -> str:
+    """The content hash of one teacher, or for several one hash over their hashes and weights
+    ((path, normalised weight) pairs, `ModelConfig.teacher_specs`)."""
+    if len(specs) == 1:
+        return model_identity(specs[0][0])["hash"]
+    h = hashlib.sha256()
+    for path, weight in specs:
+        h.update(f"{model_identity(path)['hash']}:{weight:.6g};".encode())
+    return h.hexdigest()

@@ -22,7 +22,7 @@ from typing import Any
 
 from distillery.config import Config, ConfigError
 from distillery.data.splits import load_manifest
-from distillery.models.load import model_identity
+from distillery.models.load import model_identity, teachers_identity
 from distillery.train.method import TrainingMethod
 
 IDENTITY_FILE = "run_identity.json"
@@ -39,7 +39,7 @@ RESUME_NEUTRAL = (
 )
 
 # What a fresh start removes from a run directory (everything a training run writes there).
-RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "run.json", "trace", "ewc.safetensors", "esft_experts.json", IDENTITY_FILE)
+RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "run.json", "trace", "ewc.safetensors", "esft_experts.json", "curriculum.json", IDENTITY_FILE)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -66,6 +66,9 @@ def run_identity(cfg: Config, method: TrainingMethod) -> dict[str, Any]:
         "data_fingerprint": load_manifest(cfg.prepared_dir).get("fingerprint"),
         "model": model_identity(cfg.model.path)["hash"],
         **method.identity(cfg),
+        # The curriculum's order follows the teacher's losses: another teacher, another order.
+        **({"curriculum_teacher": teachers_identity(cfg.model.teacher_specs)}
+           if cfg.train.curriculum and cfg.train.curriculum.by == "teacher_loss" else {}),
         "settings": settings,
     }
 

@@ -20,11 +20,12 @@ from pathlib import Path
 from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
 from distillery.files import write_text_atomic
-from distillery.models.load import model_config
+from distillery.models.load import model_config, teachers_identity
 from distillery.models.structure import is_moe_config
 from distillery.models.plan import check_method
 from distillery.ray_compat import registered_checkpoints
 from distillery.runtime import ensure_ray
+from distillery.train.curriculum import order_by_curriculum, plan_curriculum
 from distillery.train.identity import check_resume
 from distillery.train.loop import EvaluationGate, train_loop_per_worker
 from distillery.train.method import TrainingMethod
@@ -47,6 +48,14 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
             f"train.router_aux_loss_coef: the router load-balancing loss is for mixture-of-experts models; "
             f"{cfg.model.path} is a dense '{getattr(student, 'model_type', '?')}' model (unset it)"
         )
+    cur = cfg.train.curriculum
+    if cur is not None and cur.by == "teacher_loss":
+        if not cfg.model.teacher_specs:
+            raise ConfigError("train.curriculum.by: teacher_loss scores rows with the teacher; set model.teacher (or model.teachers)")
+        for path, _ in cfg.model.teacher_specs:
+            if model_config(path).vocab_size != student.vocab_size:
+                raise ConfigError(f"train.curriculum.by: teacher_loss needs the teacher's vocabulary; {path} has "
+                                  f"{model_config(path).vocab_size} tokens, the student {student.vocab_size}")
     method.validate(cfg)
 
 
@@ -103,9 +112,21 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=callbacks or [],
         ),
-        datasets=method.datasets(cfg),
+        datasets=_datasets(cfg, method, out),
         dataset_config=data_config,
     )
+
+
+def _datasets(cfg: Config, method: TrainingMethod, out: Path) -> dict:
+    """The method's datasets, the training split in curriculum order when `train.curriculum` asks."""
+    datasets = method.datasets(cfg)
+    teacher = teachers_identity(cfg.model.teacher_specs) if cfg.train.curriculum and cfg.train.curriculum.by == "teacher_loss" else None
+    planned = plan_curriculum(cfg, teacher)
+    if planned is not None:
+        ranks, summary = planned
+        datasets["train"] = order_by_curriculum(datasets["train"], ranks)
+        write_text_atomic(out / "curriculum.json", json.dumps(summary, indent=2))
+    return datasets
 
 
 def remove_unregistered_checkpoints(storage: Path) -> int:
