@@ -196,3 +196,17 @@ def test_choice_is_measured_once_then_reused(tmp_path, tiny_moe, prepared_tiny):
     cfg.method.esft.experts_file = str(other)
     reused, pending = choose_experts(cfg, model, 0, torch.device("cpu"), rank=0, resuming=False)
     assert reused == {0: [3], 1: [0, 2]} and pending is None
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("kind", ["gate", "token"])
+def test_selector_finds_the_experts_a_biased_router_prefers(tmp_path, tiny_teacher, prepared_tiny, arch, kind):
+    from moe_fixture import biased_moe
+
+    chosen = {0: [1, 2], 1: [0, 3]}
+    path = biased_moe(tmp_path / arch, arch, str(tiny_teacher), chosen)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = load_config(overrides=[f"data.prepared={prepared_tiny}", "method.esft.sample_tokens=500"])
+    relevance, _ = expert_relevance(model, sample_batches(cfg, 0, torch.device("cpu")), kind, 500)
+    assert select_experts(relevance, 0.9) == chosen
+    assert select_experts(relevance, 0.4) in ({0: [1], 1: [0]}, {0: [2], 1: [0]}, {0: [1], 1: [3]}, {0: [2], 1: [3]})

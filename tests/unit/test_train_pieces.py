@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -320,6 +322,14 @@ def test_a_run_directory_resumes_only_its_own_run(tmp_path, prepared_tiny, tiny_
         check_resume(load_config(overrides=[*base[:2], f"model.path={tiny_teacher}", base[3]]), FINETUNE)
     with pytest.raises(ConfigError, match="stage: 'finetune' -> 'distill'"):
         check_resume(load_config(overrides=base + [f"model.teacher={tiny_teacher}"]), DISTILL)
+    # An identity written before a setting existed: the setting at its default resumes, set otherwise it is a change.
+    ident = json.loads((run / "run_identity.json").read_text())
+    del ident["settings"]["train.router_aux_loss_coef"]
+    (run / "run_identity.json").write_text(json.dumps(ident))
+    assert check_resume(load_config(overrides=base), FINETUNE) == "resume"
+    (run / "run_identity.json").write_text(json.dumps(ident))
+    with pytest.raises(ConfigError, match=r"train.router_aux_loss_coef: None -> 0.1"):
+        check_resume(load_config(overrides=base + ["train.router_aux_loss_coef=0.1"]), FINETUNE)
     assert check_resume(load_config(overrides=base + ["train.lr=2e-3", "train.resume=force"]), FINETUNE) == "resume"
     assert check_resume(load_config(overrides=base + ["train.lr=3e-3", "train.resume=fresh"]), FINETUNE) == "fresh"
     assert not (run / "ray").exists() and not (run / "metrics.jsonl").exists() and not (run / "model").exists()

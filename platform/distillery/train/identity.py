@@ -81,7 +81,12 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get(key) != new.get(key):
             changes.append(f"{key}: {old.get(key)!r} -> {new.get(key)!r}")
     before, after = old.get("settings", {}), new.get("settings", {})
+    # A setting newer than the old run's identity, left at its default, changes nothing it learned:
+    # upgrading Distillery must not make every earlier run unresumable.
+    defaults = _flatten(Config().model_dump(mode="json", by_alias=True))
     for key in sorted(set(before) | set(after)):
+        if key not in before and key in defaults and after[key] == defaults[key]:
+            continue
         if before.get(key) != after.get(key):
             changes.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")
     return changes
