@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from distillery.config import ConfigError, load_config
@@ -22,15 +21,11 @@ from distillery.distill.teacher_cache import run_cache_teacher
 from distillery.distill.method import run_distill, validate_distill
 from distillery.distill.objective import DistillObjective
 from distillery.train.finetune import run_finetune
+from training_runs import local_ray  # noqa: F401  (the module's Ray, autouse)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _overrides(out, prepared, *extra):
@@ -143,52 +138,6 @@ def test_distilled_student_is_closer_to_the_teacher_than_sft(tmp_path, prepared_
     kd = val_and_teacher_metrics(tmp_path / "kd" / "model", teacher_dir, str(prepared_tiny))
     assert kd["teacher_kl"] < sft["teacher_kl"]
     assert kd["teacher_top1_agreement"] > sft["teacher_top1_agreement"]
-
-
-@pytest.mark.timeout(900)
-def test_hidden_and_attention_distillation_with_stages_and_entropy_weighting_on_two_fsdp_workers(
-        tmp_path, prepared_tiny, trained_teacher, tiny_teacher):
-    """Feature distillation end to end through the training loop: a student half the teacher's width
-    with as many heads, 2 FSDP workers, hidden states matched through learned projections, attention
-    maps through eager attention, two progressive stages (logits first, then features at a lower
-    temperature) and entropy-weighted KD. Every step's metrics show the stage it was in; the
-    projections train but never reach the exported student."""
-    from safetensors.torch import load_file
-
-    student = tmp_path / "student"
-    init_model(student, ArchSpec(layers=1, hidden=32, heads=2, kv_heads=1, intermediate=64), tokenizer_from=str(tiny_teacher), seed=4)
-    out = tmp_path / "features"
-    cfg = load_config(overrides=_overrides(out, prepared_tiny, f"model.path={student}", f"model.teacher={trained_teacher}",
-        "train.num_workers=2", "train.strategy=fsdp", "train.max_steps=8", "train.batch_size=4", "distill.temperature=3",
-        "distill.alpha=0.8", "distill.entropy_weighting=true", "distill.hidden={weight: 1.0, loss: mse, attention_weight: 0.5}",
-        "distill.stages=[{steps: 4, hidden_weight: 0}, {steps: 4, hidden_weight: 2.0, temperature: 1.0, alpha: 0.4}]"))
-    assert run_distill(cfg) == 0
-    steps = [m for m in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()) if "kd_loss" in m]
-    assert [m["step"] for m in steps] == list(range(1, 9))
-    first, second = steps[:4], steps[4:]
-    assert all("hidden_loss" not in m and m["temperature"] == 3.0 for m in first)
-    assert all(m["hidden_loss"] > 0 and m["temperature"] == 1.0 for m in second)
-    # Entropy weighting scales each stage's alpha by the teacher's confidence, in (0, stage alpha].
-    assert all(0 < m["alpha"] <= 0.8 for m in first) and all(0 < m["alpha"] <= 0.4 for m in second)
-    assert any(m["alpha"] < 0.8 for m in first)
-    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in steps)
-    exported = load_file(str(out / "model" / "model.safetensors"))
-    assert not any("proj" in k and not k.startswith("model.layers.") for k in exported)  # projections stay behind
-    assert exported["model.embed_tokens.weight"].shape[1] == 32
-
-
-@pytest.mark.timeout(600)
-def test_temperature_and_alpha_schedules_move_over_the_run(tmp_path, prepared_tiny, trained_teacher, tiny_student):
-    """Schedules through the loop: the metrics of each step carry the scheduled temperature and alpha."""
-    out = tmp_path / "sched"
-    cfg = load_config(overrides=_overrides(out, prepared_tiny, f"model.path={tiny_student}", f"model.teacher={trained_teacher}",
-        "train.max_steps=6", "distill.temperature=4", "distill.temperature_schedule={kind: linear, end: 1.0}",
-        "distill.alpha=0.9", "distill.alpha_schedule={kind: cosine, end: 0.1}"))
-    assert run_distill(cfg) == 0
-    steps = [m for m in (json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()) if "kd_loss" in m]
-    temps, alphas = [m["temperature"] for m in steps], [m["alpha"] for m in steps]
-    assert temps[0] == pytest.approx(4.0) and temps == sorted(temps, reverse=True) and temps[-1] < 2.0
-    assert alphas[0] == pytest.approx(0.9) and alphas == sorted(alphas, reverse=True) and alphas[-1] < 0.3
 
 
 def _wait_for(what: str, condition, timeout_s: float, alive=None, interval: float = 0.1):

@@ -18,15 +18,11 @@ from ray_head import BIN
 from distillery.config import ConfigError, load_config
 from distillery.train.finetune import run_finetune
 from distillery.tune.search import run_tune
+from training_runs import local_ray  # noqa: F401  (the module's Ray, autouse)
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _base(tmp_path, prepared, model, *extra):
