@@ -40,7 +40,7 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
         raise ConfigError("train.precision: bf16 mixed precision needs train.use_gpu (CPU training runs in fp32)")
     load_manifest(cfg.prepared_dir)
     # Here rather than only in the workers: a trial or run whose plan cannot work (too many frozen
-    # layers, a method not built yet) fails before any Ray Train worker starts.
+    # layers, ESFT on a dense model, a bad experts file) fails before any Ray Train worker starts.
     student = model_config(cfg.model.path)
     check_method(cfg.method, student)
     if cfg.train.router_aux_loss_coef and not is_moe_config(student):
