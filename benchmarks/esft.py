@@ -100,7 +100,7 @@ def main() -> int:
 
     import ray
 
-    from distillery.config import validate_tree
+    from distillery.config import apply_override, validate_tree
     from distillery.data.prepare import run_prepare
     from distillery.evaluation.model_metrics import val_and_teacher_metrics
     from distillery.models.experts import read_selection
@@ -119,11 +119,7 @@ def main() -> int:
                 "train": {"num_workers": 1, "strategy": "none", "batch_size": args.batch, "lr": args.lr, "scheduler": "constant",
                           "eval_every": None}}
         for dotted, value in keys.items():
-            node = tree
-            *parents, leaf = dotted.split(".")
-            for k in parents:
-                node = node.setdefault(k, {})
-            node[leaf] = value
+            apply_override(tree, dotted.split("."), value)
         return validate_tree(tree, "benchmark")
 
     general_data, domain_data = str(work / "prepared" / "general"), str(work / "prepared" / "domain")

@@ -60,7 +60,8 @@ def validate_distill(cfg: Config) -> None:
     ignored = [key for key, on in (("train.key_terms", bool(cfg.train.key_terms)), ("train.ewc.lambda", cfg.train.ewc.lam > 0)) if on]
     if ignored:
         raise ConfigError(f"{ignored[0]}: applies to `distillery finetune` only; distillation does not use it (unset it)")
-    student_vocab = model_config(cfg.model.path).vocab_size
+    student = model_config(cfg.model.path)
+    student_vocab = student.vocab_size
     if cfg.distill.teacher_mode == "cached":
         manifest = check_cache(cfg)
         check_top_k(cfg.distill.top_k, int(manifest["vocab_size"]), str(manifest.get("teacher", {}).get("path", cfg.teacher_cache_dir)))
@@ -75,7 +76,7 @@ def validate_distill(cfg: Config) -> None:
         key = f"model.teachers.{i}" if cfg.model.teachers else "model.teacher"
         check_vocab(model_config(path).vocab_size, student_vocab, teacher=f"{key} {path}", student=str(cfg.model.path))
     if cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0:
-        s_heads, t_heads = model_config(cfg.model.path).num_attention_heads, model_config(specs[0][0]).num_attention_heads
+        s_heads, t_heads = student.num_attention_heads, model_config(specs[0][0]).num_attention_heads
         if s_heads != t_heads:
             raise ConfigError(
                 f"distill.hidden.attention_weight: attention maps are matched head by head; the student has {s_heads} "

@@ -72,7 +72,7 @@ from ray.data import Datasink
 from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
-from distillery.models.load import model_identity
+from distillery.models.load import model_identity, weighted_hash
 from distillery.runtime import ensure_ray
 
 CACHE_MANIFEST = "cache_manifest.json"
@@ -123,7 +123,7 @@ def cache_teacher_identity(specs: list[tuple[str, float]]) -> dict[str, Any]:
     if len(specs) == 1:
         return model_identity(specs[0][0])
     members = [{**model_identity(path), "weight": weight} for path, weight in specs]
-    combined = hashlib.sha256("".join(f"{m['hash']}:{m['weight']:.6g};" for m in members).encode()).hexdigest()
+    combined = weighted_hash([(m["hash"], m["weight"]) for m in members])
     return {"path": [m["path"] for m in members], "hash": combined, "teachers": members}
 
 

@@ -19,7 +19,8 @@ from typing import Any, Iterable
 import torch
 
 from distillery.config import ConfigError, EsftConfig
-from distillery.models.structure import moe_blocks
+from distillery.files import write_text_atomic
+from distillery.models.structure import moe_blocks, num_experts
 
 ESFT_FILE = "esft_experts.json"
 
@@ -35,9 +36,7 @@ def expert_relevance(model, batches: Iterable[dict[str, torch.Tensor]], relevanc
     `gate`: mean router softmax probability of each expert; `token`: share of the top-k selections.
     Stops once `sample_tokens` tokens were seen.
     """
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ConfigError("method.kind: esft needs a mixture-of-experts model; this model has no sparse MoE blocks")
+    blocks = moe_blocks(model, required=True)
     sums = {b.layer: torch.zeros(b.num_experts, dtype=torch.float64) for b in blocks}
     current: dict[str, torch.Tensor] = {}
 
@@ -89,8 +88,6 @@ def select_experts(relevance: dict[int, list[float]], threshold: float) -> dict[
 def write_selection(path: str, esft: EsftConfig, relevance: dict[int, list[float]], selected: dict[int, list[int]],
                     tokens: int, trainable_fraction: float) -> None:
     """`esft_experts.json`: settings, relevance scores and chosen experts per layer, trainable fraction."""
-    from distillery.files import write_text_atomic
-
     record = {
         "relevance": esft.relevance, "threshold": esft.threshold, "sample_tokens": tokens,
         "trainable_fraction": trainable_fraction,
@@ -114,8 +111,7 @@ def read_selection(path: str) -> dict[int, list[int]]:
 
 def check_selection(selected: dict[int, list[int]], model_config, where: str) -> None:
     """Layers and expert ids of a selection fit the model; ConfigError otherwise."""
-    layers = int(getattr(model_config, "num_hidden_layers", 0))
-    experts = int(getattr(model_config, "num_local_experts", 0) or getattr(model_config, "num_experts", 0))
+    layers, experts = int(getattr(model_config, "num_hidden_layers", 0)), num_experts(model_config)
     for layer, ids in selected.items():
         if not 0 <= layer < layers:
             raise ConfigError(f"{where}: layer {layer} is not in 0..{layers - 1}")
@@ -135,9 +131,7 @@ def apply_esft(model, esft: EsftConfig, selected: dict[int, list[int]]) -> tuple
     The fused expert tensors of every MoE layer train, with a mask naming the selected slices;
     shared experts and everything outside the experts train only when `esft` says so.
     """
-    blocks = moe_blocks(model)
-    if not blocks:
-        raise ConfigError("method.kind: esft needs a mixture-of-experts model; this model has no sparse MoE blocks")
+    blocks = moe_blocks(model, required=True)
     names = {id(p): n for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(esft.train_non_expert)

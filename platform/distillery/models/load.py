@@ -100,12 +100,14 @@ def model_identity(path: str | os.PathLike[str]) -> dict[str, str]:
     return {"path": str(path), "hash": h.hexdigest()}
 
 
+def weighted_hash(members: list[tuple[str, float]]) -> str:
+    """One hash over several models' (content hash, normalised weight) pairs, in order."""
+    return hashlib.sha256("".join(f"{h}:{w:.6g};" for h, w in members).encode()).hexdigest()
+
+
 def teachers_identity(specs: list[tuple[str, float]]) -> str:
-    """The content hash of one teacher, or for several one hash over their hashes and weights
+    """The content hash of one teacher, or for several `weighted_hash` over their hashes and weights
     ((path, normalised weight) pairs, `ModelConfig.teacher_specs`)."""
     if len(specs) == 1:
         return model_identity(specs[0][0])["hash"]
-    h = hashlib.sha256()
-    for path, weight in specs:
-        h.update(f"{model_identity(path)['hash']}:{weight:.6g};".encode())
-    return h.hexdigest()
+    return weighted_hash([(model_identity(path)["hash"], weight) for path, weight in specs])

@@ -39,21 +39,21 @@ class MoeBlock:
     num_experts: int
 
 
+def num_experts(model_config) -> int:
+    """Routed experts per MoE layer of a transformers config (Mixtral: num_local_experts, Qwen: num_experts); 0 for a dense model."""
+    return int(getattr(model_config, "num_local_experts", 0) or getattr(model_config, "num_experts", 0) or 0)
+
+
 def is_moe_config(model_config) -> bool:
     """Whether a transformers config describes a mixture-of-experts model with routed experts."""
-    return bool(getattr(model_config, "num_local_experts", 0) or getattr(model_config, "num_experts", 0))
+    return num_experts(model_config) > 0
 
 
-def _inner(model):
-    """The causal LM under DDP (`.module`) and PEFT wrappers."""
-    inner = model.module if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-
-
-def moe_blocks(model) -> list[MoeBlock]:
-    """The sparse MoE blocks of `model`, in layer order (dense layers, e.g. Qwen's `mlp_only_layers`, skipped)."""
+def moe_blocks(model, required: bool = False) -> list[MoeBlock]:
+    """The sparse MoE blocks of an unwrapped (or PEFT-wrapped) `model`, in layer order (dense layers,
+    e.g. Qwen's `mlp_only_layers`, skipped). `required`: ConfigError when there are none."""
     blocks = []
-    for i, layer in enumerate(decoder_layers(_inner(model))):
+    for i, layer in enumerate(decoder_layers(model)):
         mlp = getattr(layer, "mlp", None)
         router, experts = getattr(mlp, "gate", None), getattr(mlp, "experts", None)
         weight = getattr(router, "weight", None)
@@ -62,4 +62,6 @@ def moe_blocks(model) -> list[MoeBlock]:
         n = weight.shape[0]
         if any(p.dim() == 3 and p.shape[0] == n for p in experts.parameters(recurse=False)):
             blocks.append(MoeBlock(i, mlp, router, experts, n))
+    if required and not blocks:
+        raise ConfigError("method.kind: esft needs a mixture-of-experts model; this model has no sparse MoE blocks")
     return blocks

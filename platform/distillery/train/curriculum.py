@@ -9,7 +9,8 @@ pure function of the data, the teacher and the seed, so a resumed run skips exac
 micro-batches it already trained on (train/batches.py).
 
 Teacher losses are scored once (Ray Data, the teacher on each batch) and kept beside the prepared
-data, keyed by the teacher's content hash: `<prepared>/curriculum/<hash>.parquet`.
+data, keyed by the teacher's content hash and the data fingerprint:
+`<prepared>/curriculum/<teacher hash>-<fingerprint>.parquet`.
 """
 
 from __future__ import annotations
@@ -78,7 +79,6 @@ def teacher_losses(cfg: Config, teacher_hash: str, log=print) -> dict[str, float
     import pyarrow.parquet as pq
 
     from distillery.data.splits import read_split
-    from distillery.files import write_text_atomic
 
     fingerprint = load_manifest(cfg.prepared_dir).get("fingerprint", "")
     path = os.path.join(cfg.prepared_dir, "curriculum", f"{teacher_hash[:16]}-{fingerprint[:16]}.parquet")
@@ -95,8 +95,6 @@ def teacher_losses(cfg: Config, teacher_hash: str, log=print) -> dict[str, float
     os.makedirs(os.path.dirname(path), exist_ok=True)
     pq.write_table(table, path + ".tmp")
     os.replace(path + ".tmp", path)
-    write_text_atomic(os.path.join(os.path.dirname(path), "README"),
-                      "Teacher losses of the training rows, per teacher hash and data fingerprint (train.curriculum by teacher_loss).\n")
     return dict(zip(table["row_id"].to_pylist(), table["difficulty"].to_pylist()))
 
 

@@ -53,9 +53,10 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
         if not cfg.model.teacher_specs:
             raise ConfigError("train.curriculum.by: teacher_loss scores rows with the teacher; set model.teacher (or model.teachers)")
         for path, _ in cfg.model.teacher_specs:
-            if model_config(path).vocab_size != student.vocab_size:
+            vocab = model_config(path).vocab_size
+            if vocab != student.vocab_size:
                 raise ConfigError(f"train.curriculum.by: teacher_loss needs the teacher's vocabulary; {path} has "
-                                  f"{model_config(path).vocab_size} tokens, the student {student.vocab_size}")
+                                  f"{vocab} tokens, the student {student.vocab_size}")
     method.validate(cfg)
 
 
