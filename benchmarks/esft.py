@@ -46,6 +46,8 @@ def corpus(work: Path, n: int) -> dict[str, Path]:
     rows = generate_rows(n, seed=11)
     train_prompts = {normalize_text(prompt_of(r)) for r in rows}
     held = held_out_rows(400, seed=12, exclude=train_prompts)
+    overlap = sum(normalize_text(prompt_of(r)) in train_prompts for r in held)
+    assert overlap == 0, f"{overlap} held-out prompts occur in training data"
     pick = lambda rs, tasks: [r for r in rs if r["task"] in tasks]  # noqa: E731
     examples = lambda rs: [{"prompt": prompt_of(r), "reference": r["output"], "task": r["task"], "metric": r["metric"]} for r in rs]  # noqa: E731
     return {
