@@ -236,6 +236,29 @@ class StageConfig(Section):
     hidden_weight: float | None = Field(None, ge=0, description="Hidden-state loss weight during the stage (0 turns it off; null: distill.hidden.weight).")
 
 
+class OnPolicyConfig(Section):
+    lmbda: float = Field(
+        0.5, ge=0, le=1, description="Share of micro-batches whose responses the current student samples from the batch's prompts (the rest train on the data's responses, or the teacher's with seq_kd)."
+    )
+    beta: float = Field(
+        0.5, ge=0, le=1, description="Generalised JSD weight of the on-policy term (GKD): 0 forward KL, 1 reverse KL (MiniLLM), between them the JSD with mixture m = β·p + (1−β)·q."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the student's (and with seq_kd the teacher's) responses; the loss uses distill.temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of those responses (1: the whole distribution).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest sampled response in tokens (the sequence is also capped at data.max_length).")
+    sync_every: int = Field(1, ge=1, description="The sampling engine gets the student's current weights before sampling once they are this many optimiser steps old.")
+    seq_kd: bool = Field(False, description="The other micro-batches train on responses the teacher samples (sequence-level KD) instead of the data's.")
+    cpu_kv_cache_gib: float = Field(1.0, gt=0, description="KV cache of each sampling engine on CPU in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of its GPU a sampling engine may take with train.use_gpu (one GPU per engine).")
+
+
+class CrossTokenizerConfig(Section):
+    kd: Literal["uld", "hybrid"] = Field(
+        "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: plus distill.loss on the tokens both vocabularies share."
+    )
+    shared_weight: float = Field(1.0, ge=0, description="Weight of the exact shared-token term in `hybrid` mode (the ULD term has weight 1).")
+
+
 class DistillConfig(Section):
     loss: Literal["forward_kl", "reverse_kl", "jsd", "tvd"] = Field("forward_kl", description="Divergence between teacher and student distributions.")
     temperature: float = Field(2.0, gt=0, description="Softmax temperature for both distributions; the KD term is scaled by T².")
@@ -267,11 +290,29 @@ class DistillConfig(Section):
     stages: list[StageConfig] = Field(default_factory=list, description="Progressive distillation: consecutive stages with their own weights (e.g. logits first, then hidden states).")
     entropy_weighting: bool = Field(False, description="Scale the KD weight per batch by the teacher's confidence (1 − normalised entropy).")
     fused_lm_head: bool = Field(False, description="Compute student logits per chunk from hidden states inside the KD loss (strategy ddp/none).")
+    on_policy: OnPolicyConfig | None = Field(
+        None, description="On-policy distillation (GKD): the student samples responses on a vLLM engine beside the workers and the online teacher grades every sampled token."
+    )
+    cross_tokenizer: CrossTokenizerConfig | None = Field(
+        None, description="Teacher and student with different tokenizers: logits compared on positions aligned by character offsets (online teacher only)."
+    )
 
     @model_validator(mode="after")
     def _hidden_needs_online_teacher(self) -> "DistillConfig":
         if self.hidden is not None and self.teacher_mode == "cached":
             raise ValueError("hidden-state distillation needs the teacher's hidden states: use teacher_mode online")
+        for key in ("on_policy", "cross_tokenizer"):
+            if getattr(self, key) is not None and self.teacher_mode == "cached":
+                raise ValueError(f"{key} needs the teacher online (it scores sequences no cache holds): use teacher_mode online")
+        if self.on_policy is not None and self.cross_tokenizer is not None:
+            raise ValueError("on_policy and cross_tokenizer do not combine yet: the on-policy teacher grades the student's own tokens")
+        for key in ("on_policy", "cross_tokenizer"):
+            if getattr(self, key) is None:
+                continue
+            for other, on in (("hidden", self.hidden is not None), ("fused_lm_head", self.fused_lm_head),
+                              ("entropy_weighting", self.entropy_weighting and key == "cross_tokenizer")):
+                if on:
+                    raise ValueError(f"{key} and {other} do not combine: unset distill.{other}")
         if self.keep_tail and self.cache_samples > 0:
             raise ValueError(
                 f"keep_tail and cache_samples ({self.cache_samples}) do not combine: the sampled tail already stands for the "

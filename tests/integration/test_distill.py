@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from distillery.distill.teacher_cache import run_cache_teacher
 from distillery.distill.method import run_distill, validate_distill
 from distillery.distill.objective import DistillObjective
 from distillery.train.finetune import run_finetune
-from training_runs import local_ray  # noqa: F401  (the module's Ray, autouse)
+from training_runs import kill_worker, local_ray, trace_lines, trained_teacher, wait_for  # noqa: F401  (fixtures: the module's Ray, autouse; the trained teacher)
 
 pytestmark = pytest.mark.slow
 
@@ -33,14 +30,6 @@ def _overrides(out, prepared, *extra):
     # in test_multinode.py and FSDP + LoRA in test_finetune.py.
     return [f"output_dir={out}", f"data.prepared={prepared}", "train.batch_size=8", "train.lr=5e-3",
             "train.scheduler=constant", "train.num_workers=1", "train.strategy=none", *extra]
-
-
-@pytest.fixture(scope="module")
-def trained_teacher(tmp_path_factory, prepared_tiny, tiny_teacher):
-    out = tmp_path_factory.mktemp("teacher") / "run"
-    cfg = load_config(overrides=_overrides(out, prepared_tiny, f"model.path={tiny_teacher}", "train.max_steps=40", "train.eval_every=40"))
-    assert run_finetune(cfg) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -140,48 +129,6 @@ def test_distilled_student_is_closer_to_the_teacher_than_sft(tmp_path, prepared_
     assert kd["teacher_top1_agreement"] > sft["teacher_top1_agreement"]
 
 
-def _wait_for(what: str, condition, timeout_s: float, alive=None, interval: float = 0.1):
-    """Poll `condition()` until it returns something truthy; fail the test, naming `what`, after
-    `timeout_s` or as soon as `alive()` says the run it waits on has ended."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None and not alive():
-            pytest.fail(f"the run ended while waiting for {what}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _trace_lines(path: Path) -> list[dict]:
-    """The complete lines of a rows_rank*.jsonl trace (a line being written is left out)."""
-    if not path.exists():
-        return []
-    text = path.read_text()
-    return [json.loads(l) for l in text[: text.rfind("\n") + 1].splitlines() if l.strip()]
-
-
-def _process_state(pid: int) -> str | None:
-    """The state letter in /proc/<pid>/stat (R, S, Z, ...), or None once the process is gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def _kill_worker(pid_file: Path) -> int:
-    """SIGKILL the live Ray worker named in pid_file and wait until it is gone; returns its pid."""
-    pid = int(pid_file.read_text())
-    assert _process_state(pid) not in (None, "Z"), f"pid_rank0 names {pid}, which is not a live process"
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    assert cmdline.startswith("ray::"), f"pid {pid} is not a Ray worker process: {cmdline!r}"
-    os.kill(pid, signal.SIGKILL)
-    _wait_for(f"killed worker {pid} to die", lambda: _process_state(pid) in (None, "Z"), 60)
-    return pid
-
-
 @pytest.mark.timeout(1500)
 def test_three_worker_kills_at_random_steps_change_nothing(tmp_path, prepared_tiny, tiny_student, cache_dir):
     """Chaos: a LoRA student distilled from the cache, its worker SIGKILLed at three seeded-random
@@ -217,20 +164,20 @@ def test_three_worker_kills_at_random_steps_change_nothing(tmp_path, prepared_ti
     attempts: list[list[dict]] = []  # the trace lines of each killed attempt
     seen, killed = 0, []
     for step in kill_at:
-        _wait_for(f"the current worker to reach step {step}",
-                  lambda: any(l["step"] >= step for l in _trace_lines(trace)[seen:]), 600, alive=thread.is_alive)
-        killed.append(_kill_worker(pid_file))
-        lines = _trace_lines(trace)
+        wait_for(f"the current worker to reach step {step}",
+                  lambda: any(l["step"] >= step for l in trace_lines(trace)[seen:]), 600, alive=thread.is_alive)
+        killed.append(kill_worker(pid_file))
+        lines = trace_lines(trace)
         attempts.append(lines[seen:])
         seen = len(lines)
         assert int(pid_file.read_text()) == killed[-1], "a replacement started before the killed worker's trace was read"
-        _wait_for("a replacement worker (pid_rank0 to change)",
+        wait_for("a replacement worker (pid_rank0 to change)",
                   lambda: pid_file.read_text().strip() not in ("", str(killed[-1])), 600, alive=thread.is_alive)
     thread.join(timeout=900)
     assert not thread.is_alive(), "the distill run did not finish after the third replacement started"
     assert result == {"rc": 0}, result
     assert len(set(killed)) == 3
-    segments = attempts + [_trace_lines(trace)[seen:]]
+    segments = attempts + [trace_lines(trace)[seen:]]
 
     # Each replacement resumed at a checkpoint of the attempt before it (or from the start when
     # none was registered yet) and retrained that attempt's un-checkpointed tail with the same rows.

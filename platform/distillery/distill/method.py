@@ -18,8 +18,9 @@ import torch
 from distillery.config import Config, ConfigError
 from distillery.distill.losses import check_vocab
 from distillery.distill.objective import DistillObjective, attn_implementation
+from distillery.distill.on_policy import OnPolicyObjective
 from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, load_cache_manifest, read_cache
-from distillery.models.load import model_config, teachers_identity
+from distillery.models.load import adapter_base, model_config, resolve_model_dir, teachers_identity
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
 
@@ -39,7 +40,14 @@ class Distill:
         return prepared_datasets(cfg)
 
     def build_objective(self, cfg: Config, tokenizer, model, device: torch.device) -> DistillObjective:
+        if cfg.distill.on_policy is not None:
+            return OnPolicyObjective(cfg, tokenizer, model, device)
         return DistillObjective(cfg, tokenizer, model, device)
+
+    def engine_cpus(self, cfg: Config) -> float:
+        """One CPU per sampling engine: the student's with on_policy, the teacher's too with seq_kd."""
+        op = cfg.distill.on_policy
+        return 0.0 if op is None else 1.0 + float(op.seq_kd)
 
     def attn_implementation(self, cfg: Config) -> str | None:
         return attn_implementation(cfg)
@@ -75,6 +83,8 @@ def validate_distill(cfg: Config) -> None:
     for i, (path, _) in enumerate(specs):
         key = f"model.teachers.{i}" if cfg.model.teachers else "model.teacher"
         check_vocab(model_config(path).vocab_size, student_vocab, teacher=f"{key} {path}", student=str(cfg.model.path))
+    if cfg.distill.on_policy is not None:
+        validate_on_policy(cfg)
     if cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0:
         s_heads, t_heads = student.num_attention_heads, model_config(specs[0][0]).num_attention_heads
         if s_heads != t_heads:
@@ -82,6 +92,25 @@ def validate_distill(cfg: Config) -> None:
                 f"distill.hidden.attention_weight: attention maps are matched head by head; the student has {s_heads} "
                 f"attention heads and the teacher {t_heads} (set attention_weight 0, or use a student with {t_heads} heads)"
             )
+
+
+def validate_on_policy(cfg: Config) -> None:
+    """On-policy distillation needs vLLM, rows whose prompt is known, and models an engine can load."""
+    import importlib.util
+
+    op = cfg.distill.on_policy
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("distill.on_policy: the student samples on a vLLM engine; install vllm (`pip install -e .[cpu]` or `.[gpu]`)")
+    if cfg.data.packing:
+        raise ConfigError("distill.on_policy: packed rows hold several prompts; on-policy sampling needs one prompt per row (set data.packing=false)")
+    if adapter_base(resolve_model_dir(cfg.model.path)) is not None:
+        raise ConfigError(f"distill.on_policy: model.path {cfg.model.path} is a LoRA adapter; merge it first (the engine loads full weights)")
+    if op.seq_kd:
+        specs = cfg.model.teacher_specs
+        if len(specs) > 1:
+            raise ConfigError("distill.on_policy.seq_kd: the teacher's responses come from one teacher; use model.teacher, not several model.teachers")
+        if adapter_base(resolve_model_dir(specs[0][0])) is not None:
+            raise ConfigError(f"distill.on_policy.seq_kd: the teacher {specs[0][0]} is a LoRA adapter; merge it first (its engine loads full weights)")
 
 
 def run_distill(cfg: Config) -> int:

@@ -137,6 +137,9 @@ class DistillObjective:
     def after_backward(self, model) -> dict[str, float]:
         return {}
 
+    def close(self) -> None:
+        """Nothing to release (the on-policy objective stops its engines)."""
+
     # -- weights over training --------------------------------------------------------------
 
     def _wants_attention(self) -> bool:

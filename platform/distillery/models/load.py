@@ -22,6 +22,11 @@ def resolve_model_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512) that holds `rank`."""
+    return next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), 512)
+
+
 def adapter_base(model_dir: str | os.PathLike[str]) -> str | None:
     """The base model path a PEFT adapter records, or None for full weights."""
     cfg = Path(model_dir) / "adapter_config.json"

@@ -28,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config, ConfigError, check_paths, load_config
-from distillery.models.load import adapter_base, load_causal_lm, load_tokenizer, resolve_model_dir
+from distillery.models.load import adapter_base, load_causal_lm, load_tokenizer, resolve_model_dir, vllm_max_lora_rank
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, DistilleryLLMServer
 
 APP_NAME = "distillery"
-# LoRA ranks vLLM accepts for max_lora_rank.
-_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 @dataclass
@@ -150,7 +148,7 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
     lora_config = None
     if engine.adapters:
         engine_kwargs["enable_lora"] = True
-        engine_kwargs["max_lora_rank"] = next((r for r in _VLLM_LORA_RANKS if r >= engine.max_lora_rank), 512)
+        engine_kwargs["max_lora_rank"] = vllm_max_lora_rank(engine.max_lora_rank)
         engine_kwargs["max_loras"] = min(len(engine.adapters), 8)
         lora_config = {"max_num_adapters_per_replica": max(len(engine.adapters), 1)}
     a = s.autoscaling

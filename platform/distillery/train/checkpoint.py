@@ -100,25 +100,38 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, rank: int, extr
     return TrainState(**saved)
 
 
-def export_model(model, tokenizer, cfg: Config, rank: int, plan: ParamPlan) -> None:
-    """Gather full weights (a collective) and let rank 0 write `<output_dir>/model` in HF format, atomically."""
+def save_weights(model, out: str, rank: int, tokenizer=None, extra: dict[str, Any] | None = None) -> bool:
+    """Gather full weights (a collective: every rank calls it; FSDP shards come to rank 0 on CPU) and
+    let rank 0 write `out` in Hugging Face format (a PEFT adapter for LoRA), atomically, with the
+    tokenizer and `extra` as distillery_run.json when given. True on the rank that wrote."""
     import shutil
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
-        return
-    out = os.path.join(cfg.output_dir, "model")
+        return False
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    inner = unwrap(model)
-    inner.save_pretrained(tmp, state_dict=full, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "distillery_run.json"), "w") as f:
-        json.dump({"method": plan.kind, "parameters": plan.total, "trainable_parameters": plan.trainable}, f, indent=2)
+    unwrap(model).save_pretrained(tmp, state_dict=full, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if extra is not None:
+        with open(os.path.join(tmp, "distillery_run.json"), "w") as f:
+            json.dump(extra, f, indent=2)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+    return True
+
+
+def export_model(model, tokenizer, cfg: Config, rank: int, plan: ParamPlan) -> None:
+    """Gather full weights (a collective) and let rank 0 write `<output_dir>/model` in HF format, atomically."""
+    import shutil
+
+    run = {"method": plan.kind, "parameters": plan.total, "trainable_parameters": plan.trainable}
+    out = os.path.join(cfg.output_dir, "model")
+    if not save_weights(model, out, rank, tokenizer, run):
+        return
     if plan.kind == "lora" and cfg.method.lora.merge:
         from peft import PeftModel
 

@@ -42,6 +42,9 @@ class Finetune:
     def attn_implementation(self, cfg: Config) -> str | None:
         return cfg.model.attn_implementation
 
+    def engine_cpus(self, cfg: Config) -> float:
+        return 0.0
+
     def identity(self, cfg: Config) -> dict[str, str]:
         # EWC's Fisher comes from the previous task's data.
         return {"ewc_previous": load_manifest(cfg.train.ewc.previous).get("fingerprint")} if cfg.train.ewc.lam > 0 else {}

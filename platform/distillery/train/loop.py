@@ -98,6 +98,11 @@ class Worker:
     def __init__(self, loop_config: dict[str, Any]):
         import ray.train
 
+        from transformers.utils import logging as hf_logging
+
+        # A "Writing model shards" bar per export (and per on-policy weight sync) says nothing the
+        # progress lines do not.
+        hf_logging.disable_progress_bar()
         self.cfg: Config = validate_tree(yaml.safe_load(loop_config["config"]), "run config")
         self.method: TrainingMethod = loop_config["method"]
         self.total_steps: int = loop_config["total_steps"]
@@ -334,7 +339,14 @@ class Worker:
     # -- the run ----------------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Train to `total_steps` (or early stop), evaluate once more if needed, export, report."""
+        """Train to `total_steps` (or early stop), evaluate once more if needed, export, report; the
+        objective is closed however the run ends."""
+        try:
+            self._run()
+        finally:
+            self.objective.close()
+
+    def _run(self) -> None:
         cfg, state = self.cfg, self.state
         evaluated_at = -1
         while state.step < self.total_steps:

@@ -43,6 +43,10 @@ class TrainingMethod(Protocol):
     def attn_implementation(self, cfg: Config) -> str | None:
         """The transformers attention kernel the student loads with (None: the library's default)."""
 
+    def engine_cpus(self, cfg: Config) -> float:
+        """Logical CPUs the method's own actors hold beside the training workers (the on-policy
+        sampling engines); the local Ray a run starts, and tune's trial concurrency, count them."""
+
     def identity(self, cfg: Config) -> dict[str, str]:
         """What the run learns from besides the student, the prepared data and the config (content
         hashes, e.g. the teacher's): part of the run identity a resume must match (train/identity.py)."""

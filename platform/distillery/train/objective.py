@@ -42,6 +42,9 @@ class Objective(Protocol):
     def evaluate(self, model, batch: dict[str, Any]) -> dict[str, float]:
         """Sums over a validation batch: `nll`, `tokens` and any extras (the loop all-reduces, then divides)."""
 
+    def close(self) -> None:
+        """The run is over (finished or stopped): release what the objective holds (engines, scratch files)."""
+
 
 def shift(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Align next-token predictions: logits [B, T, V] -> [B, T-1, V]; labels [B, T] -> targets [B, T-1]."""
@@ -163,6 +166,9 @@ class CrossEntropyObjective:
         if aux is None:
             return ce, {"ce_loss": ce.item()}
         return ce + self.aux_coef * aux, {"ce_loss": ce.item(), "router_aux_loss": aux.item()}
+
+    def close(self) -> None:
+        """Nothing to release."""
 
     def after_backward(self, model) -> dict[str, float]:
         """Once per optimiser step, after the last backward: EWC adds its gradient (and reports its value)."""

@@ -166,9 +166,9 @@ def run_training(cfg: Config, method: TrainingMethod) -> int:
     validate_training(cfg, method)
     if check_resume(cfg, method) == "fresh":
         print(f"{method.name}: train.resume=fresh: removed the previous run's checkpoints, metrics and model in {cfg.output_dir}", flush=True)
-    # Logical CPUs: one per worker plus room for the Ray Data tasks that feed them
-    # (docs/architecture.md, "Ray on small machines").
-    started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + 2)
+    # Logical CPUs: one per worker and per sampling engine, plus room for the Ray Data tasks that
+    # feed them (docs/architecture.md, "Ray on small machines").
+    started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + method.engine_cpus(cfg) + 2)
     t0 = time.time()
     try:
         result = build_trainer(cfg, method).fit()

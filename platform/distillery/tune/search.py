@@ -49,6 +49,11 @@ def trial_method(cfg: Config) -> TrainingMethod:
     return DISTILL if stage == "distill" else FINETUNE
 
 
+def trial_cpus(cfg: Config) -> float:
+    """Logical CPUs one trial holds: its training workers and its method's sampling engines."""
+    return cfg.train.num_workers * cfg.train.cpus_per_worker + trial_method(cfg).engine_cpus(cfg)
+
+
 def reports_per_trial(cfg: Config) -> int:
     """How many evaluations (ASHA's time unit) a trial that runs to the end reports."""
     if not cfg.train.max_steps or not cfg.train.eval_every:
@@ -104,7 +109,7 @@ def _trial(params: dict[str, Any], base_yaml: str, trials_root: str) -> None:
 def _concurrency(cfg: Config) -> int:
     import ray
 
-    per_trial = cfg.train.num_workers * cfg.train.cpus_per_worker
+    per_trial = trial_cpus(cfg)
     available = ray.cluster_resources().get("CPU", 1)
     return max(1, min(cfg.tune.max_concurrent_trials, int(available // per_trial)))
 
@@ -169,7 +174,7 @@ def run_tune(cfg: Config) -> int:
     # default; a trial ASHA stops trains on until its report arrives, so trials poll every 0.25 s
     # (unless the environment sets the interval).
     env = {} if TRAIN_POLL_ENV in os.environ else {"runtime_env": {"env_vars": {TRAIN_POLL_ENV: "0.25"}}}
-    started = ensure_ray(num_cpus=max(4, cfg.train.num_workers * cfg.train.cpus_per_worker * cfg.tune.max_concurrent_trials + 2), **env)
+    started = ensure_ray(num_cpus=max(4, trial_cpus(cfg) * cfg.tune.max_concurrent_trials + 2), **env)
     try:
         print(
             f"tune: {cfg.tune.num_samples} trials of `{stage}` over {', '.join(checked)}; "

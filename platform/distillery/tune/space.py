@@ -57,6 +57,10 @@ def validate_search_space(base: Config, space: dict[str, Any]) -> dict[str, tupl
     if not space:
         raise ConfigError("tune.search_space: empty; name at least one dotted config key to search")
     checked = {}
+    for key in space:
+        # The engines a trial starts are counted from the base config (tune/search.py: trial_cpus).
+        if key.startswith("distill.on_policy.") and base.distill.on_policy is None:
+            raise ConfigError(f"tune.search_space.{key}: set distill.on_policy in the config (e.g. distill.on_policy.lmbda=0.5); the search varies it")
     for key, spec in space.items():
         kind, args = _check_domain(key, spec)
         probes = args if kind == "choice" else [args[0], args[1]]
