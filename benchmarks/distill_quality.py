@@ -51,6 +51,7 @@ TEACHER = dict(arch="llama", layers=4, hidden=128, heads=4, kv_heads=2, intermed
 TEACHER2 = dict(arch="llama", layers=3, hidden=128, heads=4, kv_heads=2, intermediate=384)
 STUDENT = dict(arch="llama", layers=2, hidden=64, heads=2, kv_heads=1, intermediate=192)
 VOCAB = 2048
+XTOK_VOCAB = 1024  # the cross-tokenizer student's own tokenizer
 
 
 def write_data(work: Path, args) -> dict[str, Path]:
@@ -106,7 +107,24 @@ class Bench:
         base.update(dotted)
         return load_config(None, [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) or v is None else v}" for k, v in base.items()])
 
+    @staticmethod
+    def finished(fn, cfg) -> Path | None:
+        """The file a stage writes last (None for eval, which always runs)."""
+        return {
+            "run_prepare": Path(cfg.prepared_dir) / "manifest.json",
+            "run_finetune": Path(cfg.output_dir) / "run.json",
+            "run_distill": Path(cfg.output_dir) / "run.json",
+            "run_cache_teacher": Path(cfg.teacher_cache_dir) / "cache_manifest.json",
+            "run_generate": Path(cfg.generate.output or "") / "generate_manifest.json",
+        }.get(fn.__name__)
+
     def timed(self, name: str, fn, cfg) -> None:
+        """Run a stage; with --reuse, a stage whose output exists from an earlier run of the same
+        work directory (the same settings) is not run again."""
+        done = self.finished(fn, cfg)
+        if self.args.reuse and done is not None and done.exists():
+            print(f"\n== {name}: reused ({done})", flush=True)
+            return
         t0 = time.perf_counter()
         print(f"\n== {name}", flush=True)
         rc = fn(cfg)
@@ -128,7 +146,11 @@ def main() -> int:
     ap.add_argument("--generated-weight", type=float, default=4.0, help="data weight of the generated rows against the labelled ones")
     ap.add_argument("--cache-rows", action="store_true", help="add online and plain top-k rows for the generated-data KD student")
     ap.add_argument("--multi-teacher", action="store_true", help="train a second teacher and add a two-teacher student")
+    ap.add_argument("--on-policy", action="store_true", help="add an on-policy (GKD) student sampling on a vLLM engine")
+    ap.add_argument("--cross-tokenizer", action="store_true",
+                    help="add a student with its own tokenizer: SFT, and distilled across tokenizers (ULD and hybrid)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse", action="store_true", help="skip stages whose output the work directory already holds")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
@@ -213,6 +235,27 @@ def main() -> int:
             b.timed("multi-teacher", run_distill, b.cfg(**mix, output_dir=str(runs / "multi-teacher"), **{
                 "distill.teacher_mode": "online", "model.teacher": None, "model.teachers": teachers}))
             students["multi-teacher"] = runs / "multi-teacher"
+
+        if args.on_policy:
+            # GKD: half the batches are the student's own samples (vLLM engine, synced every step),
+            # graded token by token by the online teacher with the JSD(0.5); the rest are the data's.
+            b.timed("on-policy", run_distill, b.cfg(**mix, output_dir=str(runs / "on-policy"), **{
+                "distill.teacher_mode": "online", "distill.on_policy.lmbda": 0.5, "distill.on_policy.beta": 0.5,
+                "distill.on_policy.temperature": 1.0, "distill.on_policy.max_new_tokens": 32, "distill.on_policy.sync_every": 1}))
+            students["on-policy"] = runs / "on-policy"
+        if args.cross_tokenizer:
+            # A student with its own tokenizer (another vocabulary, trained on other text): its SFT
+            # baseline and two students distilled across tokenizers, all on the labelled set.
+            init_model(models / "student-xtok", ArchSpec(**STUDENT), corpus=[str(data["labelled"]), str(data["prompts"])],
+                       vocab_size=XTOK_VOCAB, seed=3, overwrite=True)
+            xlab = {**lab, "data.prepared": str(prep / "labelled-xtok"), "model.path": str(models / "student-xtok")}
+            b.timed("prepare (labelled, student tokenizer)", run_prepare, b.cfg(**xlab))
+            b.timed("sft-xtok", run_finetune, b.cfg(**xlab, output_dir=str(runs / "sft-xtok")))
+            students["sft-xtok"] = runs / "sft-xtok"
+            for kd in ("uld", "hybrid"):
+                b.timed(f"xtok-{kd}", run_distill, b.cfg(**xlab, output_dir=str(runs / f"xtok-{kd}"), **{
+                    "distill.teacher_mode": "online", "distill.cross_tokenizer.kd": kd}))
+                students[f"xtok-{kd}"] = runs / f"xtok-{kd}"
 
         eval_models = [{"path": str(runs / "teacher"), "name": "teacher"}] + [{"path": str(p), "name": n} for n, p in students.items()]
         b.timed("eval", run_eval, b.cfg(**mix, **{

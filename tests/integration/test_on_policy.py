@@ -137,3 +137,31 @@ def test_on_policy_run_survives_a_killed_worker_and_lowers_reverse_kl(tmp_path, 
     after = sampled_reverse_kl(load_causal_lm(run, dtype="float32").eval(), teacher, prompts, 24, tok.pad_token_id, tok.eos_token_id)
     print(f"sampled reverse KL to the teacher: initial student {before:.3f}, on-policy student {after:.3f}")
     assert after < 0.8 * before, (before, after)
+
+
+@pytest.mark.timeout(900)
+def test_tune_searches_lmbda_beta_and_temperature(tmp_path, prepared_tiny, trained_teacher, tiny_student):
+    """Two trials of an on-policy distill search: each trial starts its own engine, trains with its
+    drawn lmbda / beta / sampling temperature (in its resolved config and its metrics) and finishes."""
+    import csv
+
+    import yaml
+
+    from distillery.tune.search import run_tune
+
+    cfg = load_config(overrides=[
+        f"output_dir={tmp_path}", f"data.prepared={prepared_tiny}", f"model.path={tiny_student}", f"model.teacher={trained_teacher}",
+        "train.num_workers=1", "train.strategy=none", "train.batch_size=4", "train.max_steps=4", "train.eval_every=2",
+        "train.scheduler=constant", "distill.on_policy.max_new_tokens=8", "tune.num_samples=2", "tune.max_concurrent_trials=1",
+        "tune.scheduler=fifo",
+        "tune.search_space={distill.on_policy.lmbda: {uniform: [0.5, 1.0]}, distill.on_policy.beta: {choice: [0.0, 1.0]}, "
+        "distill.on_policy.temperature: {uniform: [0.7, 1.3]}}",
+    ])
+    assert run_tune(cfg) == 0
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "leaderboard.csv")))
+    assert len(rows) == 2 and all(r["status"] == "completed" for r in rows), rows
+    for trial in (tmp_path / "tune" / "trials").iterdir():
+        resolved = yaml.safe_load((trial / "config.yaml").read_text())["distill"]["on_policy"]
+        assert 0.5 <= resolved["lmbda"] <= 1.0 and resolved["beta"] in (0.0, 1.0) and 0.7 <= resolved["temperature"] <= 1.3
+        records = [m for m in run_metrics(trial) if "loss" in m]
+        assert len(records) == 4 and any(m["on_policy"] == 1.0 for m in records)

@@ -119,3 +119,34 @@ def test_tune_space_over_on_policy_keys_needs_the_section(tiny_student, tiny_tea
     assert set(checked) == {"distill.on_policy.lmbda", "distill.on_policy.beta", "distill.on_policy.temperature"}
     with pytest.raises(ConfigError, match="lmbda"):
         validate_search_space(on, {"distill.on_policy.lmbda": {"uniform": [0.0, 2.0]}})
+
+
+@pytest.mark.parametrize("sampled_width", [3, 9])
+def test_on_policy_loss_is_alpha_jsd_on_samples_plus_ce_on_the_batch(tiny_student, tiny_teacher, sampled_width):
+    """One stacked forward gives the same loss as the two terms computed apart, whichever of the
+    sampled rows and the batch's rows is wider."""
+    import torch.nn.functional as F
+
+    from distillery.distill.on_policy import OnPolicyObjective
+    from distillery.models.load import load_causal_lm, load_tokenizer
+
+    cfg = validate_tree({"model": {"path": str(tiny_student), "teacher": str(tiny_teacher)}, "train": {"strategy": "none"},
+                         "distill": {"alpha": 0.6, "temperature": 1.5, "on_policy": {"beta": 0.3}}}, "test")
+    student = load_causal_lm(tiny_student, dtype="float32")
+    objective = OnPolicyObjective(cfg, load_tokenizer(tiny_student), student, torch.device("cpu"))
+    objective.set_step(0, 10)
+    g = torch.Generator().manual_seed(0)
+    batch = sampled_batch([[5, 6, 7]], [[8, 9, 10]], 0, 64)  # width 6
+    batch["labels"][0, 3:] = batch["input_ids"][0, 3:]
+    sampled = sampled_batch([[5, 6]], [torch.randint(3, 200, (sampled_width - 2,), generator=g).tolist()], 0, 64)
+    loss, metrics = objective._on_policy_loss(student, batch, sampled, {})
+
+    with torch.no_grad():
+        teacher = objective.teacher(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]).logits
+    s_logits = student(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"]).logits
+    jsd = distill_loss(s_logits, teacher.float(), sampled["labels"], kind="jsd", beta=0.3, temperature=1.5, alpha=1.0).loss
+    b_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    ce = F.cross_entropy(b_logits[targets != IGNORE_INDEX], targets[targets != IGNORE_INDEX])
+    assert float(loss) == pytest.approx(float(0.6 * jsd + 0.4 * ce), rel=1e-5)
+    assert metrics["on_policy"] == 1.0 and metrics["ce_loss"] == pytest.approx(float(ce), rel=1e-5)

@@ -57,7 +57,8 @@ def check_vocab(teacher_vocab: int, student_vocab: int, teacher: str = "teacher"
         raise VocabularyMismatchError(
             f"teacher and student must share a vocabulary: the teacher {teacher} has {teacher_vocab} tokens "
             f"and the student {student} has {student_vocab}. Distil into a student built with the teacher's "
-            f"tokenizer (e.g. `distillery init-model ... --tokenizer-from TEACHER`)."
+            f"tokenizer (e.g. `distillery init-model ... --tokenizer-from TEACHER`), or set distill.cross_tokenizer "
+            f"(e.g. distill.cross_tokenizer.kd=uld) to distil across tokenizers."
         )
 
 

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from distillery.config import Config, ConfigError
-from distillery.distill.losses import check_vocab
+from distillery.distill.losses import VocabularyMismatchError, check_vocab
+from distillery.distill.cross_objective import CrossTokenizerObjective
 from distillery.distill.objective import DistillObjective, attn_implementation
 from distillery.distill.on_policy import OnPolicyObjective
 from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, load_cache_manifest, read_cache
-from distillery.models.load import adapter_base, model_config, resolve_model_dir, teachers_identity
+from distillery.models.load import adapter_base, load_tokenizer, model_config, resolve_model_dir, teachers_identity
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
 
@@ -42,6 +43,8 @@ class Distill:
     def build_objective(self, cfg: Config, tokenizer, model, device: torch.device) -> DistillObjective:
         if cfg.distill.on_policy is not None:
             return OnPolicyObjective(cfg, tokenizer, model, device)
+        if cfg.distill.cross_tokenizer is not None:
+            return CrossTokenizerObjective(cfg, tokenizer, model, device)
         return DistillObjective(cfg, tokenizer, model, device)
 
     def engine_cpus(self, cfg: Config) -> float:
@@ -80,9 +83,13 @@ def validate_distill(cfg: Config) -> None:
         raise ConfigError("model.teacher: distillation needs a teacher (a model or run directory), or model.teachers")
     if len(specs) > 1 and cfg.distill.hidden is not None:
         raise ConfigError("distill.hidden: hidden-state distillation follows one teacher's layers; with several model.teachers it is not available (use model.teacher)")
+    if cfg.distill.cross_tokenizer is not None:
+        validate_cross_tokenizer(cfg)
+        return
     for i, (path, _) in enumerate(specs):
         key = f"model.teachers.{i}" if cfg.model.teachers else "model.teacher"
         check_vocab(model_config(path).vocab_size, student_vocab, teacher=f"{key} {path}", student=str(cfg.model.path))
+        check_same_tokens(path, cfg.model.tokenizer or cfg.model.path, key)
     if cfg.distill.on_policy is not None:
         validate_on_policy(cfg)
     if cfg.distill.hidden is not None and cfg.distill.hidden.attention_weight > 0:
@@ -92,6 +99,29 @@ def validate_distill(cfg: Config) -> None:
                 f"distill.hidden.attention_weight: attention maps are matched head by head; the student has {s_heads} "
                 f"attention heads and the teacher {t_heads} (set attention_weight 0, or use a student with {t_heads} heads)"
             )
+
+
+def check_same_tokens(teacher: str, student: str, key: str) -> None:
+    """Refuse two tokenizers with equal vocabulary sizes but different tokens: logit KD would
+    compare unrelated ids. The error points at cross-tokenizer distillation."""
+    t_vocab, s_vocab = load_tokenizer(teacher).get_vocab(), load_tokenizer(student).get_vocab()
+    if t_vocab != s_vocab:
+        differ = sum(1 for tok, i in s_vocab.items() if t_vocab.get(tok) != i) + len(set(t_vocab) - set(s_vocab))
+        raise VocabularyMismatchError(
+            f"{key} {teacher}: the teacher's tokenizer is not the student's ({differ} tokens differ between their "
+            f"{len(t_vocab)} and {len(s_vocab)}); logit distillation needs the same token ids. Set distill.cross_tokenizer "
+            f"(e.g. distill.cross_tokenizer.kd=uld) to distil across tokenizers."
+        )
+
+
+def validate_cross_tokenizer(cfg: Config) -> None:
+    """Cross-tokenizer distillation: one online teacher, fast tokenizers on both sides (character offsets)."""
+    specs = cfg.model.teacher_specs
+    if len(specs) > 1:
+        raise ConfigError("distill.cross_tokenizer: positions are aligned with one teacher's tokens; use model.teacher, not several model.teachers")
+    for key, path in (("model.teacher", specs[0][0]), ("model.path", cfg.model.tokenizer or cfg.model.path)):
+        if not load_tokenizer(path).is_fast:
+            raise ConfigError(f"distill.cross_tokenizer: {key} {path} has no fast tokenizer; character offsets need one (tokenizer.json)")
 
 
 def validate_on_policy(cfg: Config) -> None:

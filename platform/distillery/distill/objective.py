@@ -86,7 +86,8 @@ class DistillObjective:
                     resolve_model_dir(path), dtype="bfloat16" if cfg.train.use_gpu else "float32",
                     attn_implementation=attn_implementation(cfg),
                 )
-                check_vocab(t.config.vocab_size, self.vocab, teacher=str(path), student=str(cfg.model.path))
+                if self.d.cross_tokenizer is None:  # across tokenizers the vocabularies differ by design
+                    check_vocab(t.config.vocab_size, self.vocab, teacher=str(path), student=str(cfg.model.path))
                 self.teachers.append(t.eval().requires_grad_(False).to(device))
                 self.teacher_weights.append(weight)
             self.teacher = self.teachers[0]
@@ -272,6 +273,10 @@ class DistillObjective:
                 ) / len(self.pairs)
             loss = loss + now["hidden_weight"] * h
             metrics["hidden_loss"] = float(h)
+        return self.with_router_loss(loss, out, metrics)
+
+    def with_router_loss(self, loss: torch.Tensor, out, metrics: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, metrics) plus the MoE router's load-balancing loss of the student forward `out`, when it has one."""
         if self.aux_coef > 0:
             loss = loss + self.aux_coef * out.aux_loss
             metrics["router_aux_loss"] = float(out.aux_loss)

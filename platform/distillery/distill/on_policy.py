@@ -233,7 +233,8 @@ class OnPolicyObjective(DistillObjective):
         n = sampled["input_ids"].shape[0]
         aux_kw = {"output_router_logits": True} if self.aux_coef > 0 else {}
         out = model(input_ids=rows["input_ids"], attention_mask=rows["attention_mask"], use_cache=False, **aux_kw)
-        res = distill_loss(out.logits[:n], teacher, rows["labels"][:n], kind="jsd", beta=self.op.beta,
+        width = sampled["input_ids"].shape[1]  # the teacher's logits are as wide as the sampled rows, not the stack
+        res = distill_loss(out.logits[:n, :width], teacher, sampled["labels"], kind="jsd", beta=self.op.beta,
                            temperature=now["temperature"], alpha=1.0, chunk_size=self.d.chunk_size)
         loss = alpha * res.loss
         metrics = {"kd_loss": float(res.kd), "temperature": now["temperature"], "alpha": alpha, "on_policy": 1.0, **timing}
@@ -243,10 +244,7 @@ class OnPolicyObjective(DistillObjective):
             ce = F.cross_entropy(logits[keep].float(), targets[keep]) if bool(keep.any()) else logits.sum() * 0.0
             loss = loss + (1 - alpha) * ce
             metrics["ce_loss"] = ce.item()
-        if self.aux_coef > 0:
-            loss = loss + self.aux_coef * out.aux_loss
-            metrics["router_aux_loss"] = float(out.aux_loss)
-        return loss, metrics
+        return self.with_router_loss(loss, out, metrics)
 
 
 def stack_padded(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

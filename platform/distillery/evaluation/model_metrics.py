@@ -32,6 +32,19 @@ def parameter_counts(model_dir: Path) -> tuple[int, int]:
     return count(resolve_model_dir(base), "*.safetensors") + adapter, adapter
 
 
+def same_tokens(tokenizer, prepared: str) -> bool:
+    """Whether `tokenizer` has the vocabulary the prepared data was tokenised with (its manifest's
+    tokenizer; by vocabulary size when that path is gone)."""
+    from distillery.data.splits import load_manifest
+    from distillery.models.load import load_tokenizer
+
+    identity = load_manifest(prepared).get("tokenizer_identity") or {}
+    path = identity.get("path")
+    if path and os.path.exists(path):
+        return load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    return identity.get("vocab_size") in (None, len(tokenizer))
+
+
 def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared: str, max_rows: int = 256) -> dict[str, float]:
     """Val loss / perplexity on response tokens, and top-1 agreement and KL(teacher‖model) when a teacher is given."""
     import pyarrow.parquet as pq
@@ -52,8 +65,12 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
             break
     rows = rows[:max_rows]
     tok = load_tokenizer(model_dir)
+    if not same_tokens(tok, prepared):
+        return {}  # the val rows are another tokenizer's ids (a cross-tokenizer student): no loss of this model on them
     model = load_causal_lm(model_dir).eval()
     teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
+    if teacher is not None and load_tokenizer(teacher_dir).get_vocab() != tok.get_vocab():
+        teacher = None  # KL and agreement compare token ids: only within one vocabulary
     nll = n_tok = agree = kl_sum = 0.0
     with torch.no_grad():
         for i in range(0, len(rows), 8):
