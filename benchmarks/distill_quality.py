@@ -1,6 +1,6 @@
 """Distillation quality: does a distilled student beat the same student fine-tuned on labels alone?
 
-    PYTHONPATH=platform python benchmarks/distill_quality.py --cache-rows --multi-teacher [--labelled 400] [--prompts 2400] [--steps 600]
+    PYTHONPATH=platform python benchmarks/distill_quality.py --cache-rows --multi-teacher --on-policy --cross-tokenizer [--labelled 400] [--prompts 2400] [--steps 600]
 
 The realistic regime: a small labelled set and a larger pool of unlabelled prompts. Five tasks with
 checkable answers, in English and Chinese (arithmetic, unit conversion, sorting, field extraction
@@ -20,6 +20,11 @@ Students, all trained for the same number of optimiser steps with the same batch
     gen-kd-online           the same with the online teacher (what the cache is compared against)
     gen-kd-topk             the same from a plain top-k cache at equal bytes (--cache-rows)
     multi-teacher           online KD from the teacher and a second teacher (--multi-teacher)
+    on-policy               GKD (--on-policy): half the batches sampled by the student on a vLLM engine,
+                            graded by the online teacher (JSD 0.5), on labelled + generated data
+    on-policy-labels        the same on the labelled set alone (kd-labels' data)
+    sft-xtok                a student with its own tokenizer (--cross-tokenizer), fine-tuned on labels
+    xtok-uld, xtok-hybrid   that student distilled across tokenizers (ULD; ULD + shared-token KL)
 
 Each is evaluated by `distillery eval` on the held-out set (greedy, exact match per task) and on
 the prepared val split (KL to the teacher and top-1 agreement, at T = 1, over response tokens).
@@ -243,6 +248,11 @@ def main() -> int:
                 "distill.teacher_mode": "online", "distill.on_policy.lmbda": 0.5, "distill.on_policy.beta": 0.5,
                 "distill.on_policy.temperature": 1.0, "distill.on_policy.max_new_tokens": 32, "distill.on_policy.sync_every": 1}))
             students["on-policy"] = runs / "on-policy"
+            # The same on the labelled set alone: the data of kd-labels.
+            b.timed("on-policy-labels", run_distill, b.cfg(**lab, output_dir=str(runs / "on-policy-labels"), **{
+                "distill.teacher_mode": "online", "distill.on_policy.lmbda": 0.5, "distill.on_policy.beta": 0.5,
+                "distill.on_policy.temperature": 1.0, "distill.on_policy.max_new_tokens": 32, "distill.on_policy.sync_every": 1}))
+            students["on-policy-labels"] = runs / "on-policy-labels"
         if args.cross_tokenizer:
             # A student with its own tokenizer (another vocabulary, trained on other text): its SFT
             # baseline and two students distilled across tokenizers, all on the labelled set.
