@@ -254,9 +254,9 @@ class OnPolicyConfig(Section):
 
 class CrossTokenizerConfig(Section):
     kd: Literal["uld", "hybrid"] = Field(
-        "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: plus distill.loss on the tokens both vocabularies share."
+        "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: distill.loss on the tokens both vocabularies share (renormalised there) and the sorted L1 on the others only."
     )
-    shared_weight: float = Field(1.0, ge=0, description="Weight of the exact shared-token term in `hybrid` mode (the ULD term has weight 1).")
+    shared_weight: float = Field(1.0, ge=0, description="Weight of the exact shared-token term in `hybrid` mode (the sorted term on the other tokens has weight 1).")
 
 
 class DistillConfig(Section):

@@ -125,3 +125,13 @@ def test_shared_vocabulary_and_divergence(tokenizers):
     # Zero when the shared restrictions agree, whatever the other tokens hold.
     t_wide = torch.cat([s, torch.randn(4, 5, generator=g)], -1)
     assert torch.allclose(shared_divergence(s, t_wide, every, every, "forward_kl", 0.5, 1.0), torch.zeros(4), atol=1e-6)
+
+
+def test_uld_over_selected_tokens_compares_those_entries_only():
+    # p = (0.5, 0.3, 0.2), q = (0.6, 0.1, 0.3): on entries {1, 2} of each, sorted q (0.3, 0.1), p (0.3, 0.2): 0.1
+    s = torch.tensor([[0.6, 0.1, 0.3]]).log()
+    t = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    keep = torch.tensor([1, 2])
+    assert float(uld_distance(s, t, 1.0, keep, keep)) == pytest.approx(0.1, abs=1e-6)
+    every = torch.arange(3)
+    assert torch.allclose(uld_distance(s, t, 1.0, every, every), uld_distance(s, t, 1.0))

@@ -5,11 +5,13 @@ character offsets on both sides (distill/cross_tokenizer.py). A student position
 position are paired when the tokens they predict start at the same character: both models have
 then read exactly the same text. On those pairs the loss compares the two next-token
 distributions without a shared vocabulary, by Universal Logit Distillation (L1 between the sorted
-probability vectors at distill.temperature); with `kd: hybrid` it adds `distill.loss` (× T²) on the
-tokens both vocabularies hold, renormalised there. The student's own cross-entropy on every target
+probability vectors at distill.temperature); with `kd: hybrid` the tokens both vocabularies hold
+are compared exactly with `distill.loss` (× T², renormalised on them) and the sorted comparison is
+kept for the other tokens. The student's own cross-entropy on every target
 token takes 1 − alpha, as in same-vocabulary distillation:
 
-    loss = alpha · (ULD + shared_weight · D_shared · T²) + (1 − alpha) · CE
+    uld:    loss = alpha · ULD(all tokens) + (1 − alpha) · CE
+    hybrid: loss = alpha · (ULD(unshared tokens) + shared_weight · D_shared · T²) + (1 − alpha) · CE
 
 Metrics: kd_loss (ULD), shared_kd_loss (hybrid), ce_loss, aligned (share of target tokens with a
 teacher position); on val, teacher_uld (per target token, unaligned ones counting 0) and aligned.
@@ -30,6 +32,13 @@ from distillery.models.load import load_tokenizer, resolve_model_dir
 from distillery.train.objective import shift
 
 
+def _complement(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """The ids in [0, size) not in `ids` (1-D LongTensors)."""
+    keep = torch.ones(size, dtype=torch.bool)
+    keep[ids] = False
+    return keep.nonzero().flatten()
+
+
 class CrossTokenizerObjective(DistillObjective):
     """alpha · ULD (+ the shared-token divergence) + (1 − alpha) · CE against a teacher with another tokenizer."""
 
@@ -44,6 +53,8 @@ class CrossTokenizerObjective(DistillObjective):
             s_ids, t_ids = shared_vocabulary(tokenizer, self.teacher_tok)
             keep = (s_ids < self.vocab) & (t_ids < self.teacher_vocab)  # tokenizer entries beyond the lm_head have no logit
             self.shared = (s_ids[keep].to(device), t_ids[keep].to(device))
+            self.unshared = tuple(_complement(ids, size).to(device)
+                                  for ids, size in ((self.shared[0], self.vocab), (self.shared[1], self.teacher_vocab)))
 
     def _teacher_view(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The teacher's tokens of each row's text (padded batch), and per row the aligned
@@ -80,9 +91,10 @@ class CrossTokenizerObjective(DistillObjective):
 
     def _kd(self, s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per aligned position: the ULD distance, and in hybrid mode the shared-token divergence (× T²)."""
-        uld = uld_distance(s, t, temperature)
         if self.shared is None:
-            return uld, None
+            return uld_distance(s, t, temperature), None
+        # Hybrid: the sorted comparison only over the tokens without a counterpart.
+        uld = uld_distance(s, t, temperature, self.unshared[0], self.unshared[1])
         shared = shared_divergence(s, t, self.shared[0], self.shared[1], self.d.loss, self.d.beta, temperature) * temperature**2
         return uld, shared
 

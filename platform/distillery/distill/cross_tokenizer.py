@@ -7,9 +7,11 @@ when those next tokens start at the same character, i.e. both models have read e
 Their next-token distributions then live on different vocabularies; Universal Logit Distillation
 (Boizard et al., 2024, arXiv 2402.12030) compares them without a token map, as the L1 distance
 between the two probability vectors each sorted in descending order (the shorter zero-padded). It
-is zero for identical distributions and unchanged by any permutation of either vocabulary. Where
-the vocabularies share token strings, the divergence of distill.loss on those tokens (both sides
-renormalised there) adds an exact signal (`hybrid`).
+is zero for identical distributions and unchanged by any permutation of either vocabulary, but it
+does not say which token should be likely: alone, it rewards a student for being as confident as
+the teacher about whatever token it already prefers. Where the vocabularies share token strings,
+`hybrid` (as TRL's GOLD) compares those tokens exactly, with the divergence of distill.loss (both
+sides renormalised on them), and keeps the sorted comparison for the tokens without a counterpart.
 
 Shapes: n aligned positions, Vs / Vt the student's / teacher's vocabulary, m shared tokens.
 """
@@ -78,13 +80,22 @@ def align_positions(student_spans: list[tuple[int, int]], teacher_spans: list[tu
     return pairs
 
 
-def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 student_ids: torch.Tensor | None = None, teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
     """(n,) Σ_i |sort↓(q)_i − sort↓(p)_i| with p = softmax(teacher / T) (n, Vt), q = softmax(student / T)
-    (n, Vs); the shorter sorted vector is zero-padded. Gradients flow into the student logits
-    (sorting is a permutation); the teacher is a constant. Computed in float32."""
-    q = F.softmax(student_logits.float() / temperature, -1).sort(-1, descending=True).values
+    (n, Vs); the shorter sorted vector is zero-padded. With `student_ids` / `teacher_ids` only those
+    entries of q and p are sorted and compared (not renormalised): the hybrid loss uses it on the
+    tokens without a counterpart. Gradients flow into the student logits (sorting is a
+    permutation); the teacher is a constant. Computed in float32."""
+    q = F.softmax(student_logits.float() / temperature, -1)
+    if student_ids is not None:
+        q = q.index_select(-1, student_ids)
+    q = q.sort(-1, descending=True).values
     with torch.no_grad():
-        p = F.softmax(teacher_logits.float() / temperature, -1).sort(-1, descending=True).values
+        p = F.softmax(teacher_logits.float() / temperature, -1)
+        if teacher_ids is not None:
+            p = p.index_select(-1, teacher_ids)
+        p = p.sort(-1, descending=True).values
     width = max(q.shape[-1], p.shape[-1])
     q = F.pad(q, (0, width - q.shape[-1]))
     p = F.pad(p, (0, width - p.shape[-1]))
