@@ -254,9 +254,9 @@ class OnPolicyConfig(Section):
 
 class CrossTokenizerConfig(Section):
     kd: Literal["uld", "hybrid"] = Field(
-        "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: distill.loss on the tokens both vocabularies share (renormalised there) and the sorted L1 on the others only."
+        "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: distill.loss against the teacher's distribution moved onto the student's vocabulary (each teacher token's probability to the student token its text begins with; shared tokens map to themselves)."
     )
-    shared_weight: float = Field(1.0, ge=0, description="Weight of the exact shared-token term in `hybrid` mode (the sorted term on the other tokens has weight 1).")
+    shared_weight: float = Field(1.0, ge=0, description="Weight of the projected-teacher term in `hybrid` mode (against the student's cross-entropy, which alpha weighs).")
 
 
 class DistillConfig(Section):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distillery.distill.cross_tokenizer import (
-    _spans_by_decoding, align_positions, char_spans, shared_divergence, shared_vocabulary, uld_distance,
+    _spans_by_decoding, align_positions, char_spans, project_teacher, projected_divergence, projection_map, uld_distance,
 )
 from distillery.distill.losses import divergence
 from distillery.models.init_model import train_tokenizer
@@ -108,30 +108,31 @@ def test_uld_gradient():
     assert torch.allclose(grad_ours, grad_ref, atol=1e-5)
 
 
-def test_shared_vocabulary_and_divergence(tokenizers):
+def test_projection_maps_each_teacher_token_to_the_student_token_its_text_begins_with(tokenizers):
     s_tok, t_tok = tokenizers
-    s_ids, t_ids = shared_vocabulary(s_tok, t_tok)
+    mapping = projection_map(t_tok, s_tok, len(t_tok) + 3)  # an output layer padded beyond the tokenizer
+    assert mapping.shape == (len(t_tok) + 3,) and (mapping[len(t_tok):] == -1).all()
     s_vocab, t_vocab = s_tok.get_vocab(), t_tok.get_vocab()
-    by_id_s, by_id_t = {i: w for w, i in s_vocab.items()}, {i: w for w, i in t_vocab.items()}
-    assert len(s_ids) > 50 and all(by_id_s[int(a)] == by_id_t[int(b)] for a, b in zip(s_ids, t_ids))
-    assert s_ids.tolist() == sorted(s_ids.tolist())
-    # Identical, fully shared vocabularies: the plain divergence on the full distributions.
+    for tok in ("Ġcat", "Ġthe", "<|im_end|>"):
+        if tok in s_vocab and tok in t_vocab:
+            assert int(mapping[t_vocab[tok]]) == s_vocab[tok]  # shared tokens map to themselves
+    for i in range(len(t_tok)):
+        text = t_tok.decode([i])
+        if int(mapping[i]) >= 0 and i not in t_tok.all_special_ids:
+            assert text.startswith(s_tok.decode([int(mapping[i])]))
+    assert (mapping[: len(t_tok)] >= 0).float().mean() > 0.5
+
+
+def test_projected_teacher_sums_the_mass_of_tokens_with_one_first_piece():
+    # teacher tokens 0..3 map to student tokens 1, 1, 0, -1 (the last spells no whole character)
+    mapping = torch.tensor([1, 1, 0, -1])
+    teacher = torch.tensor([[0.2, 0.3, 0.1, 0.4]]).log()
+    logp = project_teacher(teacher, mapping, 3, 1.0)
+    assert torch.allclose(logp.exp(), torch.tensor([[1 / 6, 5 / 6, 0.0]]), atol=1e-6)
+    # identical vocabularies (identity map): the plain divergence
     g = torch.Generator().manual_seed(3)
     s, t = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
-    every = torch.arange(9)
-    for kind, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)):
+    for kind, beta in (("forward_kl", 0.5), ("jsd", 0.3), ("tvd", 0.5)):
         want = divergence(torch.log_softmax(t / 2, -1), torch.log_softmax(s / 2, -1), kind, beta)
-        assert torch.allclose(shared_divergence(s, t, every, every, kind, beta, 2.0), want, atol=1e-6)
-    # Zero when the shared restrictions agree, whatever the other tokens hold.
-    t_wide = torch.cat([s, torch.randn(4, 5, generator=g)], -1)
-    assert torch.allclose(shared_divergence(s, t_wide, every, every, "forward_kl", 0.5, 1.0), torch.zeros(4), atol=1e-6)
-
-
-def test_uld_over_selected_tokens_compares_those_entries_only():
-    # p = (0.5, 0.3, 0.2), q = (0.6, 0.1, 0.3): on entries {1, 2} of each, sorted q (0.3, 0.1), p (0.3, 0.2): 0.1
-    s = torch.tensor([[0.6, 0.1, 0.3]]).log()
-    t = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    keep = torch.tensor([1, 2])
-    assert float(uld_distance(s, t, 1.0, keep, keep)) == pytest.approx(0.1, abs=1e-6)
-    every = torch.arange(3)
-    assert torch.allclose(uld_distance(s, t, 1.0, every, every), uld_distance(s, t, 1.0))
+        assert torch.allclose(projected_divergence(s, t, torch.arange(9), kind, beta, 2.0), want, atol=1e-5)
+    assert torch.allclose(projected_divergence(s, s, torch.arange(9), "forward_kl", 0.5, 1.0), torch.zeros(4), atol=1e-6)

@@ -5,15 +5,15 @@ character offsets on both sides (distill/cross_tokenizer.py). A student position
 position are paired when the tokens they predict start at the same character: both models have
 then read exactly the same text. On those pairs the loss compares the two next-token
 distributions without a shared vocabulary, by Universal Logit Distillation (L1 between the sorted
-probability vectors at distill.temperature); with `kd: hybrid` the tokens both vocabularies hold
-are compared exactly with `distill.loss` (× T², renormalised on them) and the sorted comparison is
-kept for the other tokens. The student's own cross-entropy on every target
+probability vectors at distill.temperature); with `kd: hybrid` the teacher's distribution is moved
+onto the student's vocabulary (each teacher token's probability to the student token its text
+begins with) and compared exactly with `distill.loss` (× T²). The student's own cross-entropy on every target
 token takes 1 − alpha, as in same-vocabulary distillation:
 
     uld:    loss = alpha · ULD(all tokens) + (1 − alpha) · CE
-    hybrid: loss = alpha · (ULD(unshared tokens) + shared_weight · D_shared · T²) + (1 − alpha) · CE
+    hybrid: loss = alpha · shared_weight · D(projected teacher ‖ student) · T² + (1 − alpha) · CE
 
-Metrics: kd_loss (ULD), shared_kd_loss (hybrid), ce_loss, aligned (share of target tokens with a
+Metrics: kd_loss (ULD, or the projected divergence), ce_loss, aligned (share of target tokens with a
 teacher position); on val, teacher_uld (per target token, unaligned ones counting 0) and aligned.
 """
 
@@ -26,21 +26,14 @@ import torch.nn.functional as F
 
 from distillery.config import Config
 from distillery.data.splits import IGNORE_INDEX
-from distillery.distill.cross_tokenizer import align_positions, char_spans, shared_divergence, shared_vocabulary, uld_distance
+from distillery.distill.cross_tokenizer import align_positions, char_spans, projected_divergence, projection_map, uld_distance
 from distillery.distill.objective import DistillObjective
 from distillery.models.load import load_tokenizer, resolve_model_dir
 from distillery.train.objective import shift
 
 
-def _complement(ids: torch.Tensor, size: int) -> torch.Tensor:
-    """The ids in [0, size) not in `ids` (1-D LongTensors)."""
-    keep = torch.ones(size, dtype=torch.bool)
-    keep[ids] = False
-    return keep.nonzero().flatten()
-
-
 class CrossTokenizerObjective(DistillObjective):
-    """alpha · ULD (+ the shared-token divergence) + (1 − alpha) · CE against a teacher with another tokenizer."""
+    """alpha · (ULD, or the divergence from the projected teacher) + (1 − alpha) · CE against a teacher with another tokenizer."""
 
     def __init__(self, cfg: Config, tokenizer, student, device: torch.device):
         super().__init__(cfg, tokenizer, student, device)
@@ -48,13 +41,8 @@ class CrossTokenizerObjective(DistillObjective):
         self.student_tok = tokenizer
         self.teacher_tok = load_tokenizer(resolve_model_dir(cfg.model.teacher_specs[0][0]))
         self.teacher_vocab = self.teacher.config.vocab_size
-        self.shared = None
-        if self.x.kd == "hybrid":
-            s_ids, t_ids = shared_vocabulary(tokenizer, self.teacher_tok)
-            keep = (s_ids < self.vocab) & (t_ids < self.teacher_vocab)  # tokenizer entries beyond the lm_head have no logit
-            self.shared = (s_ids[keep].to(device), t_ids[keep].to(device))
-            self.unshared = tuple(_complement(ids, size).to(device)
-                                  for ids, size in ((self.shared[0], self.vocab), (self.shared[1], self.teacher_vocab)))
+        # hybrid: teacher id -> the student token its text begins with (cross_tokenizer.projection_map)
+        self.mapping = projection_map(self.teacher_tok, tokenizer, self.teacher_vocab).to(device) if self.x.kd == "hybrid" else None
 
     def _teacher_view(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The teacher's tokens of each row's text (padded batch), and per row the aligned
@@ -89,14 +77,11 @@ class CrossTokenizerObjective(DistillObjective):
         s_idx, t_idx = torch.cat(s_pos).to(self.device), torch.cat(t_pos).to(self.device)
         return student_logits[rows, s_idx], teacher_logits[rows, t_idx].float()
 
-    def _kd(self, s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per aligned position: the ULD distance, and in hybrid mode the shared-token divergence (× T²)."""
-        if self.shared is None:
-            return uld_distance(s, t, temperature), None
-        # Hybrid: the sorted comparison only over the tokens without a counterpart.
-        uld = uld_distance(s, t, temperature, self.unshared[0], self.unshared[1])
-        shared = shared_divergence(s, t, self.shared[0], self.shared[1], self.d.loss, self.d.beta, temperature) * temperature**2
-        return uld, shared
+    def _kd(self, s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Per aligned position: the ULD distance, or in hybrid mode distill.loss against the projected teacher (× T²)."""
+        if self.mapping is None:
+            return uld_distance(s, t, temperature)
+        return self.x.shared_weight * projected_divergence(s, t, self.mapping, self.d.loss, self.d.beta, temperature) * temperature**2
 
     def __call__(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         now = self.current()
@@ -109,13 +94,10 @@ class CrossTokenizerObjective(DistillObjective):
         n_targets = int(keep.sum())
         zero = out.logits.sum() * 0.0  # keeps every rank's backward over the whole model (FSDP) when a term is empty
         ce = F.cross_entropy(logits[keep].float(), targets[keep]) if n_targets else zero
-        metrics = {"ce_loss": float(ce), "temperature": temperature, "alpha": alpha, "aligned": s.shape[0] / max(n_targets, 1)}
+        metrics = {"ce_loss": ce.item(), "temperature": temperature, "alpha": alpha, "aligned": s.shape[0] / max(n_targets, 1)}
         if s.shape[0]:
-            uld, shared = self._kd(s, t, temperature)
-            kd = uld.mean() + (self.x.shared_weight * shared.mean() if shared is not None else 0.0)
-            metrics["kd_loss"] = float(uld.mean())
-            if shared is not None:
-                metrics["shared_kd_loss"] = float(shared.mean())
+            kd = self._kd(s, t, temperature).mean()
+            metrics["kd_loss"] = kd.item()
         else:
             kd = zero
             metrics["kd_loss"] = 0.0

@@ -9,11 +9,14 @@ Their next-token distributions then live on different vocabularies; Universal Lo
 between the two probability vectors each sorted in descending order (the shorter zero-padded). It
 is zero for identical distributions and unchanged by any permutation of either vocabulary, but it
 does not say which token should be likely: alone, it rewards a student for being as confident as
-the teacher about whatever token it already prefers. Where the vocabularies share token strings,
-`hybrid` (as TRL's GOLD) compares those tokens exactly, with the divergence of distill.loss (both
-sides renormalised on them), and keeps the sorted comparison for the tokens without a counterpart.
+the teacher about whatever token it already prefers. `hybrid` instead moves the teacher's
+distribution onto the student's vocabulary: each teacher token's probability goes to the student
+token its text begins with (both models have read the same text, so that is the teacher's
+probability of the next text starting with that student token), and distill.loss compares it
+with the student exactly. Tokens the vocabularies share map to themselves; a teacher token longer
+than any student token gives its mass to its first piece.
 
-Shapes: n aligned positions, Vs / Vt the student's / teacher's vocabulary, m shared tokens.
+Shapes: n aligned positions, Vs / Vt the student's / teacher's vocabulary.
 """
 
 from __future__ import annotations
@@ -80,40 +83,55 @@ def align_positions(student_spans: list[tuple[int, int]], teacher_spans: list[tu
     return pairs
 
 
-def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-                 student_ids: torch.Tensor | None = None, teacher_ids: torch.Tensor | None = None) -> torch.Tensor:
+def uld_distance(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """(n,) Σ_i |sort↓(q)_i − sort↓(p)_i| with p = softmax(teacher / T) (n, Vt), q = softmax(student / T)
-    (n, Vs); the shorter sorted vector is zero-padded. With `student_ids` / `teacher_ids` only those
-    entries of q and p are sorted and compared (not renormalised): the hybrid loss uses it on the
-    tokens without a counterpart. Gradients flow into the student logits (sorting is a
-    permutation); the teacher is a constant. Computed in float32."""
-    q = F.softmax(student_logits.float() / temperature, -1)
-    if student_ids is not None:
-        q = q.index_select(-1, student_ids)
-    q = q.sort(-1, descending=True).values
+    (n, Vs); the shorter sorted vector is zero-padded. Gradients flow into the student logits
+    (sorting is a permutation); the teacher is a constant. Computed in float32."""
+    q = F.softmax(student_logits.float() / temperature, -1).sort(-1, descending=True).values
     with torch.no_grad():
-        p = F.softmax(teacher_logits.float() / temperature, -1)
-        if teacher_ids is not None:
-            p = p.index_select(-1, teacher_ids)
-        p = p.sort(-1, descending=True).values
+        p = F.softmax(teacher_logits.float() / temperature, -1).sort(-1, descending=True).values
     width = max(q.shape[-1], p.shape[-1])
     q = F.pad(q, (0, width - q.shape[-1]))
     p = F.pad(p, (0, width - p.shape[-1]))
     return (q - p).abs().sum(-1)
 
 
-def shared_vocabulary(student_tokenizer, teacher_tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student_ids (m,), teacher_ids (m,)) of the token strings both vocabularies hold, by student id."""
-    teacher = teacher_tokenizer.get_vocab()
-    pairs = sorted((i, teacher[tok]) for tok, i in student_tokenizer.get_vocab().items() if tok in teacher)
-    return (torch.tensor([s for s, _ in pairs], dtype=torch.long), torch.tensor([t for _, t in pairs], dtype=torch.long))
+def projection_map(teacher_tokenizer, student_tokenizer, teacher_size: int) -> torch.Tensor:
+    """(teacher_size,) long: for each teacher token, the student token its text begins with (the first
+    id of the student's tokenisation of it), or −1 where it spells no whole character (a byte-level
+    piece of one) or nothing. A special token maps to the student's token of the same string."""
+    s_vocab = student_tokenizer.get_vocab()
+    specials = set(teacher_tokenizer.all_special_ids)
+    texts = [teacher_tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) if i < len(teacher_tokenizer) else ""
+             for i in range(teacher_size)]
+    firsts = student_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = torch.full((teacher_size,), -1, dtype=torch.long)
+    for i, (text, ids) in enumerate(zip(texts, firsts)):
+        if i in specials:
+            tok = teacher_tokenizer.convert_ids_to_tokens(i)
+            out[i] = s_vocab.get(tok, -1)
+        elif text and "\ufffd" not in text and ids:
+            out[i] = ids[0]
+    return out
 
 
-def shared_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, student_ids: torch.Tensor,
-                      teacher_ids: torch.Tensor, kind: LossKind, beta: float, temperature: float) -> torch.Tensor:
-    """(n,) `divergence(kind, beta)` between teacher and student restricted to the m shared tokens
-    and renormalised there, at `temperature` (student (n, Vs), teacher (n, Vt))."""
-    logq = F.log_softmax(student_logits.float().index_select(-1, student_ids) / temperature, -1)
+def project_teacher(teacher_logits: torch.Tensor, mapping: torch.Tensor, student_size: int, temperature: float) -> torch.Tensor:
+    """(n, Vs) log-probabilities: the teacher's tempered distribution (n, Vt) moved onto the student's
+    vocabulary through `mapping` (projection_map: the probability of the next text beginning with
+    each student token), renormalised over the mass that maps (−1 entries are dropped)."""
+    p = F.softmax(teacher_logits.float() / temperature, -1)
+    keep = mapping >= 0
+    projected = torch.zeros(p.shape[0], student_size, dtype=p.dtype, device=p.device)
+    projected.index_add_(1, mapping[keep], p[:, keep])
+    return (projected / projected.sum(-1, keepdim=True).clamp_min(1e-12)).log()
+
+
+def projected_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mapping: torch.Tensor,
+                         kind: LossKind, beta: float, temperature: float) -> torch.Tensor:
+    """(n,) `divergence(kind, beta)` between the projected teacher (`project_teacher`) and the
+    student (n, Vs), both at `temperature`."""
     with torch.no_grad():
-        logp = F.log_softmax(teacher_logits.float().index_select(-1, teacher_ids) / temperature, -1)
+        logp = project_teacher(teacher_logits, mapping, student_logits.shape[-1], temperature)
+    logq = F.log_softmax(student_logits.float() / temperature, -1)
+    # Student tokens no teacher token begins with get p = 0; reverse KL and JSD(β = 1) see −inf there.
     return divergence(logp, logq, kind, beta)

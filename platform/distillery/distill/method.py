@@ -117,6 +117,10 @@ def check_same_tokens(teacher: str, student: str, key: str) -> None:
 def validate_cross_tokenizer(cfg: Config) -> None:
     """Cross-tokenizer distillation: one online teacher, fast tokenizers on both sides (character offsets)."""
     specs = cfg.model.teacher_specs
+    d = cfg.distill
+    if d.cross_tokenizer.kd == "hybrid" and (d.loss == "reverse_kl" or d.loss == "jsd" and d.beta == 1):
+        raise ConfigError(f"distill.loss: {d.loss} is infinite against the projected teacher, which gives no mass to student tokens "
+                          f"no teacher token begins with; use forward_kl, jsd with beta < 1, or tvd with cross_tokenizer.kd hybrid")
     if len(specs) > 1:
         raise ConfigError("distill.cross_tokenizer: positions are aligned with one teacher's tokens; use model.teacher, not several model.teachers")
     for key, path in (("model.teacher", specs[0][0]), ("model.path", cfg.model.tokenizer or cfg.model.path)):
