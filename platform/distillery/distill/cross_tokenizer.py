@@ -1,4 +1,4 @@
-"""Cross-tokenizer distillation pieces: character spans, aligned positions, ULD and the shared-vocabulary divergence.
+"""Cross-tokenizer distillation pieces: character spans, aligned positions, ULD and the teacher projected onto the student vocabulary.
 
 Teacher and student read the same text through different tokenizers, so neither their positions
 nor their vocabularies correspond. Positions are matched through the text: student position s
