@@ -165,3 +165,18 @@ def test_tune_searches_lmbda_beta_and_temperature(tmp_path, prepared_tiny, train
         assert 0.5 <= resolved["lmbda"] <= 1.0 and resolved["beta"] in (0.0, 1.0) and 0.7 <= resolved["temperature"] <= 1.3
         records = [m for m in run_metrics(trial) if "loss" in m]
         assert len(records) == 4 and any(m["on_policy"] == 1.0 for m in records)
+
+
+def test_seq_kd_trains_on_responses_the_teacher_samples(tmp_path, prepared_tiny, trained_teacher, tiny_student):
+    """lmbda 0 with seq_kd: no batch is the student's, every one is answered by the teacher's own
+    engine (sampled tokens in every step), and the run ends with both engines stopped."""
+    run = tmp_path / "seq-kd"
+    cfg = load_config(overrides=[
+        f"output_dir={run}", f"data.prepared={prepared_tiny}", f"model.path={tiny_student}", f"model.teacher={trained_teacher}",
+        "train.num_workers=1", "train.strategy=none", "train.batch_size=4", "train.max_steps=4", "train.eval_every=4",
+        "distill.on_policy.lmbda=0", "distill.on_policy.seq_kd=true", "distill.on_policy.max_new_tokens=8",
+    ])
+    assert run_distill(cfg) == 0
+    records = [m for m in run_metrics(run) if "loss" in m]
+    assert len(records) == 4 and all(m["on_policy"] == 0.0 and m["sampled_tokens"] > 0 and m["sync_s"] == 0 for m in records)
+    assert not (run / "on_policy").exists()

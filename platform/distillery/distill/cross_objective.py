@@ -29,6 +29,7 @@ from distillery.data.splits import IGNORE_INDEX
 from distillery.distill.cross_tokenizer import align_positions, char_spans, projected_divergence, projection_map, uld_distance
 from distillery.distill.objective import DistillObjective
 from distillery.models.load import load_tokenizer, resolve_model_dir
+from distillery.train.collate import collate
 from distillery.train.objective import shift
 
 
@@ -59,14 +60,9 @@ class CrossTokenizerObjective(DistillObjective):
             rows_ids.append(t_ids)
             s_pos.append(torch.tensor([s for s, _ in pairs], dtype=torch.long))
             t_pos.append(torch.tensor([t for _, t in pairs], dtype=torch.long))
-        width = max(len(r) for r in rows_ids)
         pad = self.teacher_tok.pad_token_id or 0
-        t_input = torch.full((len(rows_ids), width), pad, dtype=torch.long)
-        t_mask = torch.zeros_like(t_input)
-        for i, r in enumerate(rows_ids):
-            t_input[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            t_mask[i, : len(r)] = 1
-        return {"input_ids": t_input.to(self.device), "attention_mask": t_mask.to(self.device)}, s_pos, t_pos
+        padded = collate({"input_ids": rows_ids, "labels": rows_ids}, pad)  # labels unused: the teacher only reads
+        return {k: padded[k].to(self.device) for k in ("input_ids", "attention_mask")}, s_pos, t_pos
 
     def _aligned_logits(self, student_logits: torch.Tensor, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(student (n, Vs), teacher (n, Vt)) logits at the n aligned position pairs of the batch."""

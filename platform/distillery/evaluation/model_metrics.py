@@ -36,12 +36,12 @@ def same_tokens(tokenizer, prepared: str) -> bool:
     """Whether `tokenizer` has the vocabulary the prepared data was tokenised with (its manifest's
     tokenizer; by vocabulary size when that path is gone)."""
     from distillery.data.splits import load_manifest
-    from distillery.models.load import load_tokenizer
+    from distillery.data.tokenize import load_tokenizer_cached
 
     identity = load_manifest(prepared).get("tokenizer_identity") or {}
     path = identity.get("path")
-    if path and os.path.exists(path):
-        return load_tokenizer(path).get_vocab() == tokenizer.get_vocab()
+    if path and os.path.exists(path):  # loaded once for all the models an eval compares
+        return load_tokenizer_cached(path).get_vocab() == tokenizer.get_vocab()
     return identity.get("vocab_size") in (None, len(tokenizer))
 
 
