@@ -83,10 +83,18 @@ def test_engine_serves_the_students_weights_after_each_sync(tmp_path, tiny_stude
 
 
 def heldout_prompts(prepared: Path, tokenizer, n: int = 24) -> list[list[int]]:
-    """Prompts of the val split (disjoint from train by row_id hash in the fixture)."""
-    rows = read_split(prepared, "val", ["input_ids", "labels"]).take(n)
-    batch = collate({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]}, tokenizer.pad_token_id)
-    return prompts_of(batch)
+    """Prompts of the val split that no training row has (checked here, token for token)."""
+
+    def prompts(split: str, limit: int | None = None) -> list[list[int]]:
+        ds = read_split(prepared, split, ["input_ids", "labels"])
+        rows = ds.take(limit) if limit else ds.take_all()
+        return prompts_of(collate({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows]},
+                                  tokenizer.pad_token_id))
+
+    seen = {tuple(p) for p in prompts("train")}
+    held = [p for p in prompts("val", 4 * n) if tuple(p) not in seen][:n]
+    assert len(held) >= n // 2, f"only {len(held)} val prompts are absent from training"
+    return held
 
 
 @pytest.mark.timeout(1200)
