@@ -17,6 +17,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["RAY_TMPDIR"] = os.path.join(os.environ.get("RAY_TMPDIR", "/tmp"), f"ray-{os.environ['PYTEST_XDIST_WORKER']}")
     os.makedirs(os.environ["RAY_TMPDIR"], exist_ok=True)
 
+# Every stage records its run in the lineage registry: the suite's records go to a directory of
+# its own (per test process), never to the user's ~/.distillery/registry.
+if "DISTILLERY_REGISTRY" not in os.environ:
+    import tempfile
+
+    os.environ["DISTILLERY_REGISTRY"] = tempfile.mkdtemp(prefix="distillery-registry-")
+
 # vLLM on CPU reserves this many GiB of KV cache per engine; the tiny test models need little.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 

@@ -9,6 +9,8 @@
     distillery distill CONFIG ...                   teacher -> student distillation on Ray Train
     distillery tune CONFIG ...                      Ray Tune search (Optuna + ASHA)
     distillery eval CONFIG ...                      task metrics and comparison report
+    distillery export CONFIG ...                    deployable model: merge, dtype, INT8 (W8A8), model card
+    distillery registry list|show|lineage|register|alias ...   runs, lineage and model versions
     distillery serve CONFIG ...                     OpenAI-compatible endpoint (Ray Serve + vLLM)
     distillery init-model OUTPUT [--arch ...]       build a local tokenizer + model, no download
     distillery demo                                 the main job, end to end
@@ -37,6 +39,7 @@ STAGE_INPUTS: dict[str, list[str]] = {
     "distill": ["data.prepared", "model.path"],
     "tune": ["data.prepared", "model.path"],
     "eval": [],
+    "export": [],
     "serve": ["serve.models"],
 }
 
@@ -71,6 +74,10 @@ def _stage_runner(stage: str) -> Callable[[Config], int]:
         from distillery.evaluation.run import run_eval
 
         return run_eval
+    if stage == "export":
+        from distillery.export.run import run_export
+
+        return run_export
     if stage == "serve":
         from distillery.serving.app import run_serve
 
@@ -103,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("distill", "distil a frozen teacher into a student on Ray Train"),
         ("tune", "search hyperparameters with Ray Tune, Optuna and ASHA"),
         ("eval", "score models on tasks and write a comparison report"),
+        ("export", "merge, cast or INT8-quantise a run into a deployable model with a model card"),
         ("serve", "serve models behind an OpenAI-compatible API (Ray Serve + vLLM)"),
     ]:
         _add_config_args(sub.add_parser(stage, help=text))
+
+    from distillery.registry.commands import add_registry_parser
+
+    add_registry_parser(sub)
 
     p = sub.add_parser("init-model", help="build a tokenizer and a randomly initialised model locally")
     p.add_argument("output", help="directory to write the model into")
@@ -203,6 +215,13 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     stage = args.command
     cfg = load_config(args.config, args.overrides)
     check_paths(cfg, STAGE_INPUTS[stage])
+    if cfg.registry.mlflow_uri and cfg.registry.record:
+        from distillery.registry.mlflow_mirror import MlflowNotInstalled, require_mlflow
+
+        try:
+            require_mlflow(cfg.registry.mlflow_uri)
+        except MlflowNotInstalled as e:
+            raise ConfigError(str(e)) from None
     return _stage_runner(stage)(cfg)
 
 
@@ -226,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_init_model(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "registry":
+            from distillery.registry.commands import run_registry_command
+
+            return run_registry_command(args)
         return _cmd_stage(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

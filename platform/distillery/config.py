@@ -395,6 +395,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 mixed precision on GPU, fp32 on CPU.")
     curriculum: CurriculumConfig | None = Field(None, description="Order training rows from easy to hard (null: the prepared order).")
     trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")
+    qat: bool = Field(
+        False, description="Quantisation-aware training: every linear of the decoder fake-quantises its weights (int8 per channel) and inputs (int8 per token) as `export.quantize: w8a8` will, so the quantised export loses less. Full and freeze methods, dense models."
+    )
 
 
 # --------------------------------------------------------------------------- tune
@@ -419,7 +422,7 @@ class TuneConfig(Section):
 
 
 class ServeModelConfig(Section):
-    path: str = Field(description="A finished run directory or a Hugging Face model directory.")
+    path: str = Field(description="A finished run directory, a Hugging Face model directory, or a registered model: `registry:NAME@ALIAS` / `registry:NAME@VERSION` / `registry:NAME` (latest).")
     name: str | None = Field(None, description="Model id clients ask for; defaults to the directory name.")
     merge_lora: bool = Field(False, description="Serve a LoRA run as merged full weights instead of an adapter.")
 
@@ -467,7 +470,7 @@ class ServeConfig(Section):
 
 
 class EvalModelConfig(Section):
-    path: str = Field(description="A run directory or a Hugging Face model directory to evaluate.")
+    path: str = Field(description="A run directory, a Hugging Face model directory or `registry:NAME@ALIAS` to evaluate.")
     name: str | None = Field(None, description="Name in the report; defaults to the directory name.")
 
 
@@ -554,6 +557,47 @@ class GenerateConfig(Section):
 # --------------------------------------------------------------------------- root
 
 
+# --------------------------------------------------------------------------- export
+
+
+class ExportConfig(Section):
+    model: str | None = Field(None, description="Run directory or model directory to export (full weights or a LoRA adapter); default: output_dir, the run this config trained.")
+    output: str | None = Field(None, description="Directory written; default `<run>/export` (`<run>/export-w8a8` when quantised).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the tensors that stay floating point (all of them without quantisation); `auto` keeps the model's own."
+    )
+    quantize: Literal["none", "w8a8"] = Field(
+        "none", description="`w8a8`: int8 per-channel weights and dynamic per-token int8 activations in every decoder linear (compressed-tensors; vLLM loads it on CPU and GPU). Dense models."
+    )
+    calibration_rows: int = Field(
+        64, ge=0, description="Rows of the prepared train split the weight clipping is calibrated on (0: round to nearest, no data needed)."
+    )
+    name: str | None = Field(None, description="Register the export in the lineage registry as a new version of this model name.")
+    alias: str | None = Field(None, description="Alias moved to that version (e.g. `champion`, `canary`); needs `name`.")
+
+    @model_validator(mode="after")
+    def _alias_needs_name(self) -> "ExportConfig":
+        if self.alias and not self.name:
+            raise ValueError("alias needs `name` (the registered model the alias belongs to)")
+        for key, value in (("name", self.name), ("alias", self.alias)):
+            if value is not None and (not value.strip() or any(c in value for c in "/:@")):
+                raise ValueError(f"{key} '{value}' must be non-empty and contain none of '/', ':', '@'")
+        return self
+
+
+# --------------------------------------------------------------------------- registry
+
+
+class RegistryConfig(Section):
+    dir: str | None = Field(None, description="Lineage registry directory (SQLite, safe for concurrent writers); default: $DISTILLERY_REGISTRY, else `~/.distillery/registry`.")
+    record: bool = Field(True, description="Every stage records its run (inputs, outputs, hashes, metrics) in the registry when it finishes.")
+    mlflow_uri: str | None = Field(None, description="Also mirror runs and model versions to this MLflow tracking URI (e.g. `sqlite:///mlflow.db`); needs the `mlflow` extra.")
+
+    @property
+    def path(self) -> str:
+        return os.path.expanduser(self.dir or os.environ.get("DISTILLERY_REGISTRY") or "~/.distillery/registry")
+
+
 class Config(Section):
     output_dir: str = Field(
         "runs/default", description="Run directory: resolved config, metrics, checkpoints, model. Left at its default, finetune and distill each write to `<output_dir>/<stage>` (prepared data stays in `<output_dir>/data`)."
@@ -568,6 +612,8 @@ class Config(Section):
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Ray Serve + vLLM endpoint.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Task metrics and comparison report.")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Teacher-generated training data (sequence-level KD): `distillery generate`.")
+    export: ExportConfig = Field(default_factory=ExportConfig, description="Deployable model: merge, dtype, INT8 quantisation, model card: `distillery export`.")
+    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Lineage registry: runs, model versions and aliases.")
 
     @field_validator("output_dir")
     @classmethod
@@ -746,7 +792,8 @@ def check_paths(cfg: Config, keys: list[str]) -> None:
             if not cfg.serve.models:
                 missing.append("serve.models: nothing to serve")
             for i, m in enumerate(cfg.serve.models):
-                need(f"serve.models.{i}.path", m.path)
+                if not m.path.startswith("registry:"):  # resolved against the registry when the engines are planned
+                    need(f"serve.models.{i}.path", m.path)
         elif key == "model.teacher" and cfg.model.teachers:
             for i, t in enumerate(cfg.model.teachers):
                 need(f"model.teachers.{i}.path", t.path)

@@ -36,8 +36,10 @@ def test_the_whole_chain_runs_as_ray_jobs(head, tmp_path, demo_corpus, tiny_teac
         "train": {"num_workers": 1, "strategy": "none", "batch_size": 8, "max_steps": 4, "scheduler": "constant", "lr": 3e-3},
         "distill": {"cache_backend": "hf", "top_k": 8},
         "eval": {"backend": "hf", "max_examples": 8, "max_new_tokens": 8, "dataset": str(demo_corpus["test"]),
-                 "models": [{"path": str(root / "teacher"), "name": "teacher"}, {"path": str(root / "student"), "name": "student"}],
+                 "models": [{"path": str(root / "teacher"), "name": "teacher"}, {"path": str(root / "student"), "name": "student"},
+                            {"path": "registry:student@champion", "name": "student-int8"}],
                  "output": str(root / "eval")},
+        "registry": {"dir": str(tmp_path / "registry")},
     }))
     submit = [str(BIN / "ray"), "job", "submit", "--address", head.dashboard, "--working-dir", ".",
               "--runtime-env", "jobs/runtime_env.yaml", "--", "python", "-m", "distillery"]
@@ -52,6 +54,8 @@ def test_the_whole_chain_runs_as_ray_jobs(head, tmp_path, demo_corpus, tiny_teac
         ("cache-teacher", [f"model.teacher={root / 'teacher'}"]),
         ("distill", [f"model.path={tiny_student}", f"model.teacher={root / 'teacher'}", "distill.teacher_mode=cached",
                      f"output_dir={root / 'student'}"]),
+        ("export", [f"export.model={root / 'student'}", "export.quantize=w8a8", "export.calibration_rows=16",
+                    "export.name=student", "export.alias=champion"]),
         ("eval", [f"model.teacher={root / 'teacher'}"]),
     ]
     for stage, overrides in stages:
@@ -67,8 +71,31 @@ def test_the_whole_chain_runs_as_ray_jobs(head, tmp_path, demo_corpus, tiny_teac
         assert summary["stage"] == stage and summary["metrics"]["step"] == 4
         assert (run / "model" / "config.json").exists()
     report = json.loads((root / "eval" / "metrics.json").read_text())
-    assert [m["name"] for m in report["models"]] == ["teacher", "student"] and report["examples"] == 8
+    assert [m["name"] for m in report["models"]] == ["teacher", "student", "student-int8"] and report["examples"] == 8
     assert "teacher_kl" in report["models"][1]
+    # The INT8 export beside its source: a quarter of the linear weights' bytes, close in distribution.
+    int8 = report["models"][2]
+    assert int8["source"] == str((root / "student" / "model").resolve())
+    assert 0 <= int8["source_kl"] < 0.05 and int8["size_bytes"] < report["models"][1]["size_bytes"]
+    assert "Quantised against source" in (root / "eval" / "report.md").read_text()
+
+    # Lineage: the served alias leads back to the exact corpus file and to the teacher's own run.
+    from distillery.models.load import model_identity
+    from distillery.registry.record import sha256_file
+    from distillery.registry.store import Registry
+
+    registry = Registry(tmp_path / "registry")
+    champion = registry.resolve("student", "champion")
+    assert champion["path"] == str((root / "student" / "export-w8a8").resolve())
+    export_run = registry.get_run(champion["run_id"])
+    assert export_run["stage"] == "export"
+    assert {(f["path"], f["sha256"]) for f in registry.corpus_files(export_run["run_id"])} == {
+        (str(demo_corpus["train"]), sha256_file(demo_corpus["train"]))}
+    distill_run = registry.producer_of(export_run["inputs"]["model"])
+    assert distill_run["stage"] == "distill" and distill_run["output_dir"] == str((root / "student").resolve())
+    teacher_hash = model_identity(root / "teacher")["hash"]
+    assert distill_run["inputs"]["teachers"] == [teacher_hash]
+    assert registry.producer_of(teacher_hash)["stage"] == "finetune"
     listed = head.run(str(BIN / "ray"), "job", "list", "--address", head.dashboard, timeout=60)
     assert listed.stdout.count("SUCCEEDED") >= len(stages)
 

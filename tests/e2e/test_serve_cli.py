@@ -30,14 +30,22 @@ def free_port() -> int:
 
 
 def test_cli_serves_without_key_rejects_overload_and_stops_on_ctrl_c(tmp_path, tiny_student):
+    """Served as a user ships a student: `distillery export` writes it in INT8 (W8A8) and registers
+    it with an alias, and `serve` names it by that alias."""
     port = free_port()
     cfg = tmp_path / "serve.yaml"
     # One request in flight and one queued per replica: the rest of a burst must be refused fast.
     cfg.write_text(yaml.safe_dump({"serve": {
-        "models": [{"path": str(tiny_student), "name": "student"}], "port": port, "max_model_len": 128,
+        "models": [{"path": "registry:student@champion"}], "port": port, "max_model_len": 128,
         "max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2,
-    }}))
+    }, "registry": {"dir": str(tmp_path / "registry")}}))
     env = {**os.environ, "PYTHONPATH": str(REPO / "platform"), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    exported = subprocess.run(
+        [sys.executable, "-m", "distillery", "export", str(cfg), f"export.model={tiny_student}", f"export.output={tmp_path / 'int8'}",
+         "export.quantize=w8a8", "export.calibration_rows=0", "export.name=student", "export.alias=champion"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert "registered student version 1, alias champion" in exported.stdout
     proc = subprocess.Popen([sys.executable, "-m", "distillery", "serve", str(cfg)], env=env, cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -83,4 +91,5 @@ def test_cli_serves_without_key_rejects_overload_and_stops_on_ctrl_c(tmp_path, t
         reader.join(timeout=10)
     out = "".join(lines)
     assert rc == 0, out[-3000:]
+    assert "compressed-tensors" in (tmp_path / "int8" / "config.json").read_text()
     assert "serve: shutting down" in out and "serve: stopped" in out

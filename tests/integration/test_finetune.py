@@ -104,9 +104,11 @@ def test_lora_adapter_loads_with_peft_and_merges(tmp_path, prepared_tiny, tiny_t
 
 @pytest.mark.timeout(600)
 def test_freeze_changes_exactly_the_reported_parameters_with_ewc(tmp_path, prepared_tiny, tiny_teacher):
+    """Layer freezing with EWC, under quantisation-aware training on FSDP: QAT changes how the
+    forward computes, never which parameters exist or train."""
     cfg = run_cfg(tmp_path / "freeze", prepared_tiny, tiny_teacher, "method.kind=freeze", "method.freeze.trainable_layers=1",
                "train.num_workers=2", "train.strategy=fsdp", "train.ewc.lambda=10", f"train.ewc.previous={prepared_tiny}",
-               "train.ewc.samples=8")
+               "train.ewc.samples=8", "train.qat=true")
     assert run_finetune(cfg) == 0
     before = load_file(str(Path(tiny_teacher) / "model.safetensors"))
     after = load_file(str(tmp_path / "freeze" / "model" / "model.safetensors"))
@@ -114,9 +116,11 @@ def test_freeze_changes_exactly_the_reported_parameters_with_ewc(tmp_path, prepa
     trainable = {k for k in before if k.startswith(("model.layers.1.", "model.norm.", "lm_head."))}
     assert changed and changed <= trainable
     assert not any(k.startswith(("model.layers.0.", "model.embed_tokens")) for k in changed)
+    assert set(after) == set(before)  # QAT's fake-quant linears save as plain linears
     run = json.loads((tmp_path / "freeze" / "run.json").read_text())
     expected = sum(before[k].numel() for k in trainable)
     assert run["metrics"]["trainable_parameters"] == expected
+    assert run["metrics"]["qat_layers"] == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
     # EWC: the Fisher information is stored with the run and the penalty enters the loss.
     fisher = load_file(str(tmp_path / "freeze" / "ewc.safetensors"))
     assert {k.split(".", 1)[1] for k in fisher if k.startswith("fisher.")} == trainable

@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "distillery"
 # Lower number = lower layer; a module may import its own layer and those below.
 LAYERS = {
     "config": 0, "files": 0, "ray_compat": 0, "runtime": 0,
-    "data": 1, "models": 1,
+    "data": 1, "models": 1, "registry": 1,
     "train": 2,
     "distill": 3,
-    "tune": 4, "evaluation": 4, "serving": 4,
+    "tune": 4, "evaluation": 4, "serving": 4, "export": 4,
     "cli": 5, "demo": 5, "__main__": 5, "__init__": 5,
 }
 

@@ -53,6 +53,7 @@ from distillery.data.read import discover_files, file_kind, index_file
 from distillery.data.shared import tokenizer_dir
 from distillery.data.splits import MANIFEST, SPLITS, read_parquet
 from distillery.files import install_dir, removed_on_failure
+from distillery.registry.record import artifact_hashes, finish_stage, new_record
 
 
 class Progress:
@@ -599,4 +600,10 @@ def run_prepare(cfg: Config) -> int:
             f"{g!r} achieved {b['achieved'].get(g, 0):.3f} (x{b['factor'][g]:.3g})" for g in list(b["factor"])[:12])
             + (f", ... {len(b['factor']) - 12} more" if len(b["factor"]) > 12 else "") + f"; target {1 / len(b['factor']):.3f} each")
     print(f"prepare: wrote {cfg.prepared_dir} (fingerprint {m['fingerprint'][:16]}) in {time.time() - t0:.1f}s", flush=True)
+    finish_stage(cfg, new_record(
+        cfg, "prepare", cfg.prepared_dir,
+        inputs={"corpus_files": [{"path": f["file"], "sha256": f["sha256"], "source": f["source"]} for f in m["sources"]]},
+        outputs={"data_fingerprint": m["fingerprint"], "artifacts": artifact_hashes(cfg.prepared_dir, ["manifest.json"])},
+        metrics={"rows_" + split: c for split, c in m["counts"].items()},
+    ))
     return 0

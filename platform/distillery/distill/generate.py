@@ -67,6 +67,7 @@ from distillery.distill.teacher_cache import (
     IDS_COL, LOGPROBS_COL, TAIL_COL, RowEntries, _with_teacher_columns, target_positions, teacher_vocab_size,
 )
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
+from distillery.registry.record import artifact_hashes, finish_stage, new_record
 from distillery.models.load import adapter_base, model_config, model_identity, resolve_model_dir
 
 GENERATED = "generated.jsonl"
@@ -755,4 +756,11 @@ def run_generate(cfg: Config) -> int:
     print(f"generate: samples {c['samples']['generated']:,}, dropped {dropped or 'none'}, kept {c['samples']['kept']:,} "
           f"({c['kept_tokens']:,} tokens)", flush=True)
     print(f"generate: wrote {final} ({GENERATED}, {LOGPROBS_DIR}/, {REJECTED}, {QUARANTINE}, {MANIFEST}) in {time.time() - t0:.1f}s", flush=True)
+    finish_stage(cfg, new_record(
+        cfg, "generate", final,
+        inputs={"teachers": [ctx.teacher_identity["hash"]],
+                "corpus_files": [{"path": f["file"], "sha256": f["sha256"], "source": f["source"]} for f in files if "sha256" in f]},
+        outputs={"artifacts": artifact_hashes(final, [GENERATED, MANIFEST])},
+        metrics={"prompts": c["prompts"]["answered"], "samples_kept": c["samples"]["kept"], "kept_tokens": c["kept_tokens"]},
+    ))
     return 0

@@ -21,7 +21,8 @@ from distillery.distill.cross_objective import CrossTokenizerObjective
 from distillery.distill.objective import DistillObjective, attn_implementation
 from distillery.distill.on_policy import OnPolicyObjective
 from distillery.distill.teacher_cache import CACHE_COLUMNS, check_cache, check_top_k, load_cache_manifest, read_cache
-from distillery.models.load import adapter_base, load_tokenizer, model_config, resolve_model_dir, teachers_identity
+from distillery.models.load import adapter_base, load_tokenizer, model_config, model_identity, resolve_model_dir, teachers_identity
+from distillery.registry.record import teacher_hashes
 from distillery.train.method import TRAIN_COLUMNS, prepared_datasets
 from distillery.train.run import run_training
 
@@ -54,6 +55,11 @@ class Distill:
 
     def attn_implementation(self, cfg: Config) -> str | None:
         return attn_implementation(cfg)
+
+    def teachers(self, cfg: Config) -> list[str]:
+        if cfg.distill.teacher_mode == "cached":
+            return teacher_hashes(load_cache_manifest(cfg.teacher_cache_dir).get("teacher"))
+        return [model_identity(path)["hash"] for path, _ in cfg.model.teacher_specs]
 
     def identity(self, cfg: Config) -> dict[str, str]:
         if cfg.distill.teacher_mode == "cached":

@@ -72,6 +72,7 @@ from ray.data import Datasink
 from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
+from distillery.registry.record import artifact_hashes, finish_stage, new_record, teacher_hashes
 from distillery.models.load import model_identity, weighted_hash
 from distillery.runtime import ensure_ray
 
@@ -761,4 +762,10 @@ def run_cache_teacher(cfg: Config) -> int:
         f"(dense fp16: {manifest['dense_fp16_bytes_per_token']}), {manifest['seconds']} s",
         flush=True,
     )
+    finish_stage(cfg, new_record(
+        cfg, "cache-teacher", cache_dir,
+        inputs={"data_fingerprint": data_manifest["fingerprint"], "teachers": teacher_hashes(identity)},
+        outputs={"artifacts": artifact_hashes(cache_dir, [CACHE_MANIFEST])},
+        metrics={"positions": manifest["positions"], "raw_bytes_per_token": manifest["raw_bytes_per_token"]},
+    ))
     return 0

@@ -32,6 +32,24 @@ def parameter_counts(model_dir: Path) -> tuple[int, int]:
     return count(resolve_model_dir(base), "*.safetensors") + adapter, adapter
 
 
+def quantised_source(model_dir: Path) -> tuple[Path, Path] | None:
+    """(the model a quantised export was made from, as its `distillery_export.json` names it; the
+    full weights to compare with), when it still exists; None for anything else."""
+    import json
+
+    manifest = Path(model_dir) / "distillery_export.json"
+    if not manifest.exists():
+        return None
+    m = json.loads(manifest.read_text())
+    if m.get("quantize", "none") == "none" or not os.path.exists(m.get("source", "")):
+        return None
+    from distillery.export.merge import merged_dir
+
+    source = Path(m["source"])
+    # An adapter's quantised export was made from its merge: compare with the same full weights.
+    return source, merged_dir(source) if adapter_base(source) and merged_dir(source).exists() else source
+
+
 def same_tokens(tokenizer, prepared: str) -> bool:
     """Whether `tokenizer` has the vocabulary the prepared data was tokenised with (its manifest's
     tokenizer; by vocabulary size when that path is gone)."""
@@ -45,8 +63,11 @@ def same_tokens(tokenizer, prepared: str) -> bool:
     return identity.get("vocab_size") in (None, len(tokenizer))
 
 
-def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared: str, max_rows: int = 256) -> dict[str, float]:
-    """Val loss / perplexity on response tokens, and top-1 agreement and KL(teacher‖model) when a teacher is given."""
+def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared: str, max_rows: int = 256,
+                            source_dir: Path | None = None) -> dict[str, float]:
+    """Val loss / perplexity on response tokens; top-1 agreement and KL(teacher‖model) when a teacher
+    is given; and `source_top1_agreement` / `source_kl` against `source_dir`, the unquantised model a
+    quantised export was made from (full vocabulary, nats per response token)."""
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -71,7 +92,12 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
     teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
     if teacher is not None and load_tokenizer(teacher_dir).get_vocab() != tok.get_vocab():
         teacher = None  # KL and agreement compare token ids: only within one vocabulary
-    nll = n_tok = agree = kl_sum = 0.0
+    references = {"teacher": teacher} if teacher is not None else {}
+    if source_dir is not None:
+        references["source"] = load_causal_lm(source_dir).eval()
+    nll = n_tok = 0.0
+    agree = dict.fromkeys(references, 0.0)
+    kl_sum = dict.fromkeys(references, 0.0)
     with torch.no_grad():
         for i in range(0, len(rows), 8):
             batch = rows[i : i + 8]
@@ -89,15 +115,16 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
             sel = target != IGNORE_INDEX
             nll += F.cross_entropy(logits[sel], target[sel], reduction="sum").item()
             n_tok += sel.sum().item()
-            if teacher is not None:
-                t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[sel]
-                s_logits = logits[sel]
-                agree += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
-                t_logp, s_logp = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-                kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+            s_logits = logits[sel]
+            s_logp = F.log_softmax(s_logits, -1)
+            for role, ref in references.items():
+                t_logits = ref(input_ids=ids, attention_mask=mask).logits[:, :-1].float()[sel]
+                agree[role] += (t_logits.argmax(-1) == s_logits.argmax(-1)).sum().item()
+                t_logp = F.log_softmax(t_logits, -1)
+                kl_sum[role] += (t_logp.exp() * (t_logp - s_logp)).sum().item()
     if n_tok == 0:
         return {}
     out = {"val_loss": nll / n_tok, "val_perplexity": math.exp(min(nll / n_tok, 50))}
-    if teacher is not None:
-        out.update(teacher_top1_agreement=agree / n_tok, teacher_kl=kl_sum / n_tok)
+    for role in references:
+        out.update({f"{role}_top1_agreement": agree[role] / n_tok, f"{role}_kl": kl_sum[role] / n_tok})
     return out

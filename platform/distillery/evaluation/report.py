@@ -77,6 +77,30 @@ def render_contamination(results: list[dict], tasks: list[str], contamination: d
     return lines + [""]
 
 
+def render_quantised(results: list[dict]) -> list[str]:
+    """Each quantised export beside the model it was made from: size, speed and score against the
+    source (when the source is evaluated too) and the KL to it (always: the source is loaded for it)."""
+    quantised = [r for r in results if r.get("source")]
+    if not quantised:
+        return []
+    by_path = {str(Path(r["path"]).resolve()): r for r in results}
+    lines = ["## Quantised against source", "",
+             "| model | source | size | size vs source | tokens/s vs source | score vs source | KL to source | top-1 vs source |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in quantised:
+        src = by_path.get(str(Path(r["source"]).resolve()))
+
+        def ratio(key: str) -> str:
+            return f"{r[key] / src[key]:.2f}x" if src and src.get(key) else "–"
+
+        delta = f"{r['mean_score'] - src['mean_score']:+.3f}" if src else "–"
+        kl = f"{r['source_kl']:.4f}" if r.get("source_kl") is not None else "–"
+        top1 = f"{r['source_top1_agreement']:.3f}" if r.get("source_top1_agreement") is not None else "–"
+        lines.append(f"| {r['name']} | {src['name'] if src else r['source']} | {_human_bytes(r['size_bytes'])} | {ratio('size_bytes')} | "
+                     f"{ratio('tokens_per_s')} | {delta} | {kl} | {top1} |")
+    return lines + ["", "KL to source: nats per response token of the prepared val split, full vocabulary.", ""]
+
+
 def render_report(results: list[dict], tasks: list[str], n_examples: int, contamination: dict | None = None) -> str:
     """`report.md`; `contamination` (a `Contamination.summary()`) adds its section, left out when None."""
     head = "| model | params | size | " + " | ".join(tasks) + " | mean | tokens/s |"
@@ -97,6 +121,7 @@ def render_report(results: list[dict], tasks: list[str], n_examples: int, contam
             f"{f('teacher_top1_agreement')} | {f('teacher_kl')} | {f('latency_p50_s')} | {r['backend']} |"
         )
     lines.append("")
+    lines += render_quantised(results)
     if contamination is not None:
         lines += render_contamination(results, tasks, contamination)
     lines += ["![scores](scores.png)", "", "![speed against quality](speed_quality.png)", ""]

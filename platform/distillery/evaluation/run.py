@@ -5,7 +5,8 @@
 Every model gets the same prompts and greedy decoding (vLLM, batched; Hugging Face `generate`
 where vLLM cannot load the model). Per model the report has: score per task, val loss and
 perplexity on the prepared val split, top-1 agreement and KL to the teacher, generation
-tokens/s and latency, parameter counts and size on disk. Eval prompts that occur in the training
+tokens/s and latency, parameter counts and size on disk. A quantised export (`distillery export`)
+is also compared with the model it was made from: size, speed and score ratios and the KL to it. Eval prompts that occur in the training
 split of `data.prepared` are counted and flagged (`evaluation/contamination.py`), and when there
 are any, every model is also scored on the rest. Outputs, in `eval.output`
 (default `<output_dir>/eval`): `report.md`, `metrics.json`, `examples.jsonl`, `scores.png`,
@@ -25,10 +26,12 @@ from distillery.evaluation.contamination import check_contamination
 from distillery.evaluation.generation import generate, render_prompt
 from distillery.data.answers import score
 from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples
-from distillery.evaluation.model_metrics import parameter_counts, size_on_disk, val_and_teacher_metrics
+from distillery.evaluation.model_metrics import parameter_counts, quantised_source, size_on_disk, val_and_teacher_metrics
 from distillery.evaluation.report import model_name, render_report, write_plots
 from distillery.files import write_text_atomic
-from distillery.models.load import resolve_model_dir
+from distillery.data.splits import load_manifest
+from distillery.models.load import model_identity, resolve_model_dir
+from distillery.registry.record import artifact_hashes, finish_stage, new_record, resolve_model_ref
 
 
 def run_eval(cfg: Config) -> int:
@@ -41,7 +44,7 @@ def run_eval(cfg: Config) -> int:
     model_dirs = []
     for i, m in enumerate(ec.models):
         try:
-            model_dirs.append(resolve_model_dir(m.path))
+            model_dirs.append(resolve_model_dir(resolve_model_ref(m.path, cfg, f"eval.models.{i}.path")))
         except FileNotFoundError as e:
             raise ConfigError(f"eval.models.{i}.path: {e}") from None
     teacher_path = ec.teacher or cfg.model.teacher
@@ -101,7 +104,11 @@ def run_eval(cfg: Config) -> int:
             r["clean_scores"] = {t: sum(v) / len(v) for t, v in clean_per_task.items()}
             r["clean_mean_score"] = sum(r["clean_scores"].values()) / len(r["clean_scores"]) if r["clean_scores"] else None
         is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
-        r.update(val_and_teacher_metrics(model_dir, None if is_teacher else teacher_dir, cfg.prepared_dir))
+        source = quantised_source(model_dir)
+        if source is not None:
+            r["source"] = str(source[0])
+        r.update(val_and_teacher_metrics(model_dir, None if is_teacher else teacher_dir, cfg.prepared_dir,
+                                         source_dir=source[1] if source else None))
         results.append(r)
         clean = f" ({r['clean_mean_score']:.3f} on clean examples)" if r.get("clean_mean_score") is not None else ""
         print(f"eval: {name}: mean score {r['mean_score']:.3f}{clean}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
@@ -114,4 +121,11 @@ def run_eval(cfg: Config) -> int:
     write_text_atomic(out / "report.md", report)
     print("\n" + report.split("\n![")[0])
     print(f"eval: report {out / 'report.md'}")
+    finish_stage(cfg, new_record(
+        cfg, "eval", out,
+        inputs={"models": [model_identity(d)["hash"] for d in model_dirs],
+                "data_fingerprint": None if ec.dataset else load_manifest(cfg.prepared_dir).get("fingerprint")},
+        outputs={"artifacts": artifact_hashes(out, ["metrics.json", "report.md"])},
+        metrics={r["name"]: r["mean_score"] for r in results},
+    ))
     return 0

@@ -64,6 +64,15 @@ def torch_dtype(name: str, use_gpu: bool):
     return getattr(torch, name)
 
 
+def is_w8a8(model_dir: str | os.PathLike[str]) -> bool:
+    """Whether a model directory holds a W8A8 int8 export (compressed-tensors, `distillery export`)."""
+    p = Path(model_dir) / "config.json"
+    if not p.exists():
+        return False
+    q = json.loads(p.read_text()).get("quantization_config") or {}
+    return q.get("quant_method") == "compressed-tensors"
+
+
 def load_causal_lm(path: str | os.PathLike[str], dtype: str = "auto", use_gpu: bool = False, **kwargs):
     """Load full weights, or a PEFT adapter on top of the base model it records."""
     from transformers import AutoModelForCausalLM
@@ -71,6 +80,11 @@ def load_causal_lm(path: str | os.PathLike[str], dtype: str = "auto", use_gpu: b
     model_dir = resolve_model_dir(path)
     base = adapter_base(model_dir)
     td = torch_dtype(dtype, use_gpu)
+    if base is None and is_w8a8(model_dir):
+        from distillery.models.w8a8 import load_w8a8_for_hf
+
+        # The int8 grid dequantised, activations fake-quantised per token: vLLM's W8A8 numerics in torch.
+        return load_w8a8_for_hf(model_dir, dtype=td)
     if base is None:
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=td, **kwargs)
     from peft import PeftModel

@@ -12,8 +12,9 @@ Distillery config (and optional overrides).
 Each `serve.models` entry is a run directory (`config.yaml` + `model/`) or a Hugging Face model
 directory. Full weights get one vLLM engine deployment each. A LoRA run is served as an adapter
 on its base model's engine (several adapters share one base; clients ask for `base:adapter`),
-or, with `merge_lora: true`, merged once into full weights beside the adapter and served as
-its own model.
+or, with `merge_lora: true`, merged into full weights (cached by the adapter's content,
+`export/merge.py`) and served as its own model. A `registry:NAME@ALIAS` path serves the version
+the alias points at.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config, ConfigError, check_paths, load_config
-from distillery.models.load import adapter_base, load_causal_lm, load_tokenizer, resolve_model_dir, vllm_max_lora_rank
+from distillery.export.merge import merge_adapter
+from distillery.models.load import adapter_base, resolve_model_dir, vllm_max_lora_rank
+from distillery.registry.record import resolve_model_ref
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, DistilleryLLMServer
@@ -52,25 +55,6 @@ def _check_name(name: str, key: str) -> str:
     return name
 
 
-def merged_dir(adapter_dir: Path) -> Path:
-    """Where a LoRA run's merged full weights live: beside the adapter (`<run>/model-merged`)."""
-    return adapter_dir.parent / f"{adapter_dir.name}-merged"
-
-
-def merge_adapter(adapter_dir: Path) -> Path:
-    """Merge a PEFT adapter into its base once (safetensors, atomic rename); reuse it afterwards."""
-    target = merged_dir(adapter_dir)
-    if (target / "config.json").exists():
-        return target
-    print(f"serve: merging LoRA adapter {adapter_dir} into full weights at {target}", flush=True)
-    model = load_causal_lm(adapter_dir, dtype="float32").merge_and_unload()
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp, safe_serialization=True)
-    load_tokenizer(adapter_dir).save_pretrained(tmp)
-    os.replace(tmp, target)
-    return target
-
-
 def plan_engines(cfg: Config) -> list[EngineSpec]:
     """Group `serve.models` into engines: full weights directly, adapters onto their base model."""
     engines: dict[str, EngineSpec] = {}  # resolved full-weight dir -> engine
@@ -86,16 +70,17 @@ def plan_engines(cfg: Config) -> list[EngineSpec]:
 
     for i, m in enumerate(cfg.serve.models):
         key = f"serve.models.{i}"
+        path = resolve_model_ref(m.path, cfg, f"{key}.path")
         try:
-            model_dir = resolve_model_dir(m.path)
+            model_dir = resolve_model_dir(path)
         except FileNotFoundError as e:
             raise ConfigError(f"{key}.path: {e}") from None
-        default_name = Path(m.path.rstrip("/")).name
+        default_name = m.path[len("registry:"):].split("@")[0] if path != m.path else Path(path.rstrip("/")).name
         base = adapter_base(model_dir)
         if base is None:
             engine_for(model_dir, m.name or default_name, key)
         elif m.merge_lora:
-            engine_for(merge_adapter(model_dir), m.name or default_name, key)
+            engine_for(merge_adapter(model_dir, say=lambda line: print(f"serve: {line}", flush=True)), m.name or default_name, key)
         else:
             pending.append((i, _check_name(m.name or default_name, f"{key}.name"), model_dir, base))
 

@@ -45,6 +45,9 @@ class Finetune:
     def engine_cpus(self, cfg: Config) -> float:
         return 0.0
 
+    def teachers(self, cfg: Config) -> list[str]:
+        return []
+
     def identity(self, cfg: Config) -> dict[str, str]:
         # EWC's Fisher comes from the previous task's data.
         return {"ewc_previous": load_manifest(cfg.train.ewc.previous).get("fingerprint")} if cfg.train.ewc.lam > 0 else {}

@@ -29,7 +29,7 @@ IDENTITY_FILE = "run_identity.json"
 
 # Dotted keys (or whole sections) that do not change what the run learns.
 RESUME_NEUTRAL = (
-    "output_dir", "serve", "eval", "tune",
+    "output_dir", "serve", "eval", "tune", "export", "registry",
     "data.sources", "data.augment", "data.dedupe", "data.mix_by", "data.mix_strategy", "data.chat_template",
     "data.packing", "data.window", "data.balance", "data.min_length", "data.val_fraction", "data.test_fraction", "data.prepared",
     "model.path", "model.teacher", "model.teachers", "model.tokenizer",  # by content below, not by path
@@ -39,7 +39,7 @@ RESUME_NEUTRAL = (
 )
 
 # What a fresh start removes from a run directory (everything a training run writes there).
-RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "run.json", "trace", "ewc.safetensors", "esft_experts.json", "curriculum.json", IDENTITY_FILE)
+RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "merges", "run.json", "trace", "ewc.safetensors", "esft_experts.json", "curriculum.json", IDENTITY_FILE)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

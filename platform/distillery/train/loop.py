@@ -119,7 +119,7 @@ class Worker:
         self.stream: Iterator[dict[str, Any]] = micro_batches(
             ray.train.get_dataset_shard("train"), cfg, self.tokenizer.pad_token_id, self.state, self.columns)
         self.plan_metrics = {"trainable_parameters": self.plan.trainable, "total_parameters": self.plan.total,
-                             "trainable_fraction": self.plan.fraction}
+                             "trainable_fraction": self.plan.fraction, **({"qat_layers": self.qat_layers} if self.qat_layers else {})}
         self.t_last, self.tokens_since = time.perf_counter(), 0.0
         if cfg.train.trace_rows:
             self._trace_identity()
@@ -142,6 +142,13 @@ class Worker:
             experts, pending = choose_experts(cfg, model, self.tokenizer.pad_token_id, self.device, self.rank,
                                               resuming=ray.train.get_checkpoint() is not None)
         model, self.plan = apply_method(model, cfg.method, experts)
+        self.qat_layers = 0
+        if cfg.train.qat:
+            from distillery.models.quant import apply_qat
+
+            # Before wrapping: the swap changes classes, not parameters, so FSDP sees the same tensors.
+            self.qat_layers = apply_qat(model)
+            self.say(f"qat: {self.qat_layers} linear layers fake-quantise weights (int8 per channel) and inputs (int8 per token)")
         if self.rank == 0:
             record_choice(cfg, pending, self.plan.fraction)
         self.objective = self.method.build_objective(cfg, self.tokenizer, model, self.device)

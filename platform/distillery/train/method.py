@@ -47,6 +47,10 @@ class TrainingMethod(Protocol):
         """Logical CPUs the method's own actors hold beside the training workers (the on-policy
         sampling engines); the local Ray a run starts, and tune's trial concurrency, count them."""
 
+    def teachers(self, cfg: Config) -> list[str]:
+        """Content hashes of the models the run learns from besides the student (each teacher's own),
+        for the lineage record (registry/record.py)."""
+
     def identity(self, cfg: Config) -> dict[str, str]:
         """What the run learns from besides the student, the prepared data and the config (content
         hashes, e.g. the teacher's): part of the run identity a resume must match (train/identity.py)."""

@@ -20,7 +20,8 @@ from pathlib import Path
 from distillery.config import Config, ConfigError, write_resolved
 from distillery.data.splits import load_manifest, read_split
 from distillery.files import write_text_atomic
-from distillery.models.load import model_config, teachers_identity
+from distillery.models.load import model_config, model_identity, teachers_identity
+from distillery.registry.record import artifact_hashes, finish_stage, new_record
 from distillery.models.structure import is_moe_config
 from distillery.models.plan import check_method
 from distillery.ray_compat import registered_checkpoints
@@ -48,6 +49,12 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
             f"train.router_aux_loss_coef: the router load-balancing loss is for mixture-of-experts models; "
             f"{cfg.model.path} is a dense '{getattr(student, 'model_type', '?')}' model (unset it)"
         )
+    if cfg.train.qat:
+        if cfg.method.kind not in ("full", "freeze"):
+            raise ConfigError(f"train.qat: quantisation-aware training needs method full or freeze (got {cfg.method.kind}): "
+                              "a LoRA adapter is merged before export, so its fake-quantised base would not be the quantised model")
+        if is_moe_config(student):
+            raise ConfigError(f"train.qat: {cfg.model.path} is a mixture-of-experts model; QAT and W8A8 export cover dense models")
     cur = cfg.train.curriculum
     if cur is not None and cur.by == "teacher_loss":
         if not cfg.model.teacher_specs:
@@ -180,15 +187,18 @@ def run_training(cfg: Config, method: TrainingMethod) -> int:
             ray.shutdown()
     out = Path(cfg.output_dir).resolve()
     metrics = dict(result.metrics or {})
-    summary = {
-        "stage": method.name,
-        "output_dir": str(out),
-        "model": str(out / "model"),
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
-        "seconds": round(time.time() - t0, 1),
-        "metrics": metrics,
-    }
-    write_text_atomic(out / "run.json", json.dumps(summary, indent=2, default=str))
+    summary = new_record(
+        cfg, method.name, out,
+        inputs={"data_fingerprint": load_manifest(cfg.prepared_dir).get("fingerprint"),
+                "model": model_identity(cfg.model.path)["hash"], "teachers": method.teachers(cfg)},
+        outputs={"model": model_identity(out / "model")["hash"], "artifacts": artifact_hashes(out, ["config.yaml", "metrics.jsonl"])},
+        metrics=metrics,
+        model=str(out / "model"),
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        seconds=round(time.time() - t0, 1),
+        settings=cfg.model_dump(mode="json", by_alias=True),
+    )
+    finish_stage(cfg, summary, out / "run.json")
     print(
         f"{method.name}: finished in {summary['seconds']:.0f}s; val_loss {metrics.get('val_loss', float('nan')):.4f}; "
         f"model {summary['model']}; metrics {out / 'metrics.jsonl'}",

@@ -28,7 +28,10 @@ import yaml
 
 from distillery.config import Config, ConfigError, validate_tree
 from distillery.distill.method import DISTILL
+from distillery.data.splits import load_manifest
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
+from distillery.models.load import model_identity
+from distillery.registry.record import artifact_hashes, finish_stage, new_record
 from distillery.runtime import ensure_ray
 from distillery.train.finetune import FINETUNE
 from distillery.train.identity import check_resume
@@ -228,4 +231,15 @@ def run_tune(cfg: Config) -> int:
         f"(re-run: distillery {stage} {out / 'best.yaml'})",
         flush=True,
     )
+    method = trial_method(cfg)
+    best_model = best_dir / "model"
+    finish_stage(cfg, new_record(
+        cfg, "tune", out,
+        inputs={"data_fingerprint": load_manifest(cfg.prepared_dir).get("fingerprint"),
+                "model": model_identity(cfg.model.path)["hash"], "teachers": method.teachers(cfg)},
+        outputs={"model": model_identity(best_model)["hash"] if best_model.is_dir() else None,
+                 "artifacts": artifact_hashes(out, ["best.yaml", "leaderboard.csv"])},
+        metrics={cfg.tune.metric: best[cfg.tune.metric], "trials": len(rows)},
+        best={k: best[k] for k in cfg.tune.search_space},
+    ), out / "run.json")
     return 0

@@ -1,0 +1,1 @@
+"""Ship a trained model: merge, quantise, export."""
