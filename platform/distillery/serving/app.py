@@ -34,7 +34,7 @@ from distillery.models.load import adapter_base, resolve_model_dir, vllm_max_lor
 from distillery.registry.record import resolve_model_ref
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
-from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, DistilleryLLMServer
+from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, MAX_PROMPT_KEY, DistilleryLLMServer
 
 APP_NAME = "distillery"
 
@@ -156,7 +156,8 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         deployment_config=deployment_config,
         lora_config=lora_config,
         server_cls=DistilleryLLMServer,
-        experimental_configs={ADAPTERS_KEY: engine.adapters, MAX_LEN_KEY: _context_length(cfg, engine)},
+        experimental_configs={ADAPTERS_KEY: engine.adapters, MAX_LEN_KEY: _context_length(cfg, engine),
+                              MAX_PROMPT_KEY: cfg.serve.max_prompt_tokens},
     )
 
 
@@ -206,6 +207,9 @@ def build_app(cfg: Config):
                 "api_key_digest": key_digest(key) if key else None,
                 "overload_status": s.overload_status,
                 "retry_after_s": s.retry_after_s,
+                "max_request_bytes": s.max_request_bytes,
+                "max_n": s.max_n,
+                "max_prompts": s.max_prompts,
             },
         },
         # On a 2-core host a CPU held by the ingress would leave none for the engine replica.

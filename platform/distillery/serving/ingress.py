@@ -10,6 +10,9 @@
 - Unknown models, including unknown adapters `base:adapter`: 404 here, before any engine replica.
 - Overload: when the engine deployment's queue is full, a fast 503 (or 429) with `Retry-After`
   instead of a 500.
+- Bounds on what one request may cost: a body over `max_request_bytes` gets 413 before it is
+  parsed; `n` over `max_n` or a prompt list over `max_prompts` get 400 before any engine sees them
+  (prompt tokens are bounded on the engine side, where the tokenizer is: serving/server.py).
 
 Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 """
@@ -29,7 +32,7 @@ from ray.serve.exceptions import BackPressureError
 from distillery import ray_compat as rc
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-                429: "rate_limit_error", 503: "overloaded_error"}
+                413: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 def openai_error(status_code: int, message: str, param: str | None = None,
@@ -72,6 +75,54 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+class BodyLimit:
+    """ASGI wrapper that answers 413 to a request body over `limit` bytes: at once when its
+    Content-Length says so, else (a chunked body) as soon as what arrived passes the limit. The
+    body is read here, at most `limit` bytes held, and handed on whole to the app."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def _too_large(self, scope, receive, send) -> None:
+        message = f"request body is larger than the server's limit of {self.limit:,} bytes (serve.max_request_bytes)"
+        await openai_error(413, message)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name.lower() == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+
+def _replay(messages: list[dict], receive):
+    """An ASGI receive that returns `messages` first, then defers to `receive` (disconnects)."""
+    pending = list(messages)
+
+    async def replayed() -> dict:
+        return pending.pop(0) if pending else await receive()
+
+    return replayed
+
+
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
     """400 for a body that is not JSON or does not fit the request schema, naming the field."""
     errors = exc.errors()
@@ -95,22 +146,28 @@ class DistilleryIngress(rc.OpenAiIngress):
         api_key_digest: SHA-256 digest of the API key, or None for no auth.
         overload_status: 503 or 429 for requests the engine deployment's queue cannot take.
         retry_after_s: value of the `Retry-After` header on those answers.
+        max_request_bytes, max_n, max_prompts: the bounds on one request (serve.* of the same names).
     """
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, adapters=None,
-                 api_key_digest: str | None = None, overload_status: int = 503, retry_after_s: int = 1, **kwargs):
+                 api_key_digest: str | None = None, overload_status: int = 503, retry_after_s: int = 1,
+                 max_request_bytes: int = 1 << 20, max_n: int = 8, max_prompts: int = 32, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._adapters: dict[str, dict[str, str]] = {b: dict(a) for b, a in (adapters or {}).items()}
         self._api_key_digest = api_key_digest
         self._overload_status = overload_status
         self._retry_after_s = retry_after_s
+        self._max_request_bytes = max_request_bytes
+        self._max_n = max_n
+        self._max_prompts = max_prompts
 
     # The three private hooks below are listed, with why, in ray_compat.INGRESS_PRIVATE_HOOKS.
     # Ray Serve hands each replica its FastAPI app through this hook, before the first request
     # and before Starlette builds its middleware stack, so the app can still be wrapped here.
     def _set_asgi_app(self, app) -> None:
         app.exception_handlers[RequestValidationError] = invalid_request
-        super()._set_asgi_app(ApiKeyGuard(app, self._api_key_digest))
+        # The key first: a caller without one learns nothing about sizes either.
+        super()._set_asgi_app(ApiKeyGuard(BodyLimit(app, self._max_request_bytes), self._api_key_digest))
 
     async def _get_model_id(self, model: str | None) -> str:
         if model is not None and model.split(":", 1)[0] not in self._model_cards:
@@ -145,7 +202,21 @@ class DistilleryIngress(rc.OpenAiIngress):
                 listing.data.append(await self.model(model_id))
         return listing
 
+    def _bounds_error(self, body) -> JSONResponse | None:
+        """A 400 for `n` over max_n or a prompt list over max_prompts, else None."""
+        n = getattr(body, "n", None) or 1
+        if n > self._max_n:
+            return openai_error(400, f"n is {n}; this server returns at most {self._max_n} completions per request (serve.max_n)", param="n")
+        prompt = getattr(body, "prompt", None)
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) and len(prompt) > self._max_prompts:
+            return openai_error(400, f"prompt is a list of {len(prompt)} prompts; this server takes at most {self._max_prompts} "
+                                     f"per request (serve.max_prompts)", param="prompt")
+        return None
+
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
+        error = self._bounds_error(body)
+        if error is not None:
+            return error
         try:
             return await super()._process_llm_request(body, call_method, raw_request)
         except BackPressureError as e:

@@ -1,8 +1,10 @@
 """The engine side of `distillery serve`: Ray's LLM server (one vLLM engine per replica) with
-local LoRA adapters and a context-length check. Runs inside the engine replicas, not the driver.
+local LoRA adapters and prompt-length checks. Runs inside the engine replicas, not the driver.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from fastapi import HTTPException
 
@@ -10,6 +12,7 @@ from distillery import ray_compat as rc
 
 ADAPTERS_KEY = "distillery_adapters"  # LLMConfig.experimental_configs key: adapter name -> local dir
 MAX_LEN_KEY = "distillery_max_model_len"  # LLMConfig.experimental_configs key: context length in tokens
+MAX_PROMPT_KEY = "distillery_max_prompt_tokens"  # LLMConfig.experimental_configs key: serve.max_prompt_tokens
 
 
 class LocalAdapterLoader(rc.LoraModelLoader):
@@ -39,6 +42,7 @@ class DistilleryLLMServer(rc.LLMServer):
         await super().__init__(llm_config, engine_cls=engine_cls,
                                model_downloader=model_downloader or LocalAdapterLoader)
         self._tokenizer = None
+        self._dropped_streams = 0
 
     def _prompt_tokens(self, request) -> int:
         if self._tokenizer is None:
@@ -55,29 +59,54 @@ class DistilleryLLMServer(rc.LLMServer):
         prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else prompt
         return max((len(p) if not isinstance(p, str) else len(tok(p)["input_ids"])) for p in prompts or [""])
 
-    def _context_error(self, request):
-        """An ErrorResponse (400) when prompt + max_tokens exceed the context, else None."""
-        limit = self._llm_config.experimental_configs.get(MAX_LEN_KEY)
+    async def _context_error(self, request):
+        """An ErrorResponse (400) when a prompt is over serve.max_prompt_tokens or prompt + max_tokens
+        exceed the context, else None. Tokenising takes milliseconds per long prompt: it runs in a
+        thread so the replica's event loop keeps streaming other requests meanwhile."""
+        configs = self._llm_config.experimental_configs
+        limit, prompt_limit = configs.get(MAX_LEN_KEY), configs.get(MAX_PROMPT_KEY)
         wanted = getattr(request, "max_completion_tokens", None) or request.max_tokens
-        if not limit or not wanted:
+        if not prompt_limit and not (limit and wanted):
             return None
         try:
-            n = self._prompt_tokens(request)
+            n = await asyncio.to_thread(self._prompt_tokens, request)
         except Exception:  # noqa: BLE001 - an unusual prompt shape is left to vLLM's own checks
             return None
-        if n + wanted <= limit:
+        if prompt_limit and n > prompt_limit:
+            message = f"prompt is {n} tokens; this server takes at most {prompt_limit} (serve.max_prompt_tokens)"
+            return rc.ErrorResponse(error=rc.ErrorInfo(message=message, type="invalid_request_error", param="prompt", code=400))
+        if not (limit and wanted) or n + wanted <= limit:
             return None
         message = (f"prompt ({n} tokens) plus max_tokens ({wanted}) exceeds the model's context of {limit} "
                    f"tokens; shorten the prompt or lower max_tokens")
         return rc.ErrorResponse(error=rc.ErrorInfo(message=message, type="invalid_request_error", param="max_tokens", code=400))
 
     async def chat(self, request, raw_request_info=None):
-        error = self._context_error(request)
-        return _once(error) if error else await super().chat(request, raw_request_info)
+        error = await self._context_error(request)
+        return _once(error) if error else self._watched(await super().chat(request, raw_request_info))
 
     async def completions(self, request, raw_request_info=None):
-        error = self._context_error(request)
-        return _once(error) if error else await super().completions(request, raw_request_info)
+        error = await self._context_error(request)
+        return _once(error) if error else self._watched(await super().completions(request, raw_request_info))
+
+    async def _watched(self, stream):
+        """`stream`, counting the ones that end before their last item: a client that hung up makes
+        Serve cancel this generator, and closing the engine's generator here aborts the request in
+        vLLM at once, freeing its batch slot and KV cache."""
+        finished = False
+        try:
+            async for item in stream:
+                yield item
+            finished = True
+        finally:
+            if not finished:
+                self._dropped_streams += 1
+                await stream.aclose()
+
+    async def engine_load(self) -> dict[str, int]:
+        """{running: requests the engine holds (running or waiting), dropped_streams: responses that
+        ended before their last chunk}: what a client that goes away must free."""
+        return {"running": rc.engine_unfinished_requests(self.engine), "dropped_streams": self._dropped_streams}
 
 
 async def _once(item):
