@@ -11,6 +11,7 @@
     distillery eval CONFIG ...                      task metrics and comparison report
     distillery export CONFIG ...                    deployable model: merge, dtype, INT8 (W8A8), model card
     distillery registry list|show|lineage|register|alias ...   runs, lineage and model versions
+    distillery deploy status|promote|rollback CONFIG NAME     a versioned model's traffic
     distillery serve CONFIG ...                     OpenAI-compatible endpoint (Ray Serve + vLLM)
     distillery init-model OUTPUT [--arch ...]       build a local tokenizer + model, no download
     distillery demo                                 the main job, end to end
@@ -116,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(sub.add_parser(stage, help=text))
 
     from distillery.registry.commands import add_registry_parser
+    from distillery.serving.deploy import add_deploy_parser
 
     add_registry_parser(sub)
+    add_deploy_parser(sub)
 
     p = sub.add_parser("init-model", help="build a tokenizer and a randomly initialised model locally")
     p.add_argument("output", help="directory to write the model into")
@@ -245,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_init_model(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "deploy":
+            from distillery.serving.deploy import run_deploy
+
+            return run_deploy(args)
         if args.command == "registry":
             from distillery.registry.commands import run_registry_command
 

@@ -421,10 +421,49 @@ class TuneConfig(Section):
 # --------------------------------------------------------------------------- serve
 
 
+class ServeVersionConfig(Section):
+    path: str = Field(description="This version's run directory, model directory or `registry:NAME@ALIAS`.")
+    weight: float = Field(1.0, ge=0, description="Its share of the name's traffic (normalised over the versions that answer).")
+    role: Literal["stable", "canary", "shadow"] = Field(
+        "stable", description="`stable` (exactly one), `canary` (judged against stable and rolled back automatically), or `shadow` (gets a copy of the traffic; its answers are logged, never returned)."
+    )
+
+
 class ServeModelConfig(Section):
-    path: str = Field(description="A finished run directory, a Hugging Face model directory, or a registered model: `registry:NAME@ALIAS` / `registry:NAME@VERSION` / `registry:NAME` (latest).")
-    name: str | None = Field(None, description="Model id clients ask for; defaults to the directory name.")
+    path: str | None = Field(None, description="A finished run directory, a Hugging Face model directory, or a registered model: `registry:NAME@ALIAS` / `registry:NAME@VERSION` / `registry:NAME` (latest). Or give `versions`.")
+    name: str | None = Field(None, description="Model id clients ask for; defaults to the directory name (required with `versions`).")
     merge_lora: bool = Field(False, description="Serve a LoRA run as merged full weights instead of an adapter.")
+    versions: list[ServeVersionConfig] = Field(
+        default_factory=list, description="Several versions behind `name` with traffic weights and roles (instead of `path`); every response names its version in `X-Distillery-Version`."
+    )
+
+    @model_validator(mode="after")
+    def _path_or_versions(self) -> "ServeModelConfig":
+        if (self.path is None) == (not self.versions):
+            raise ValueError("give `path` or `versions`, not both" if self.path else "give `path` or `versions`")
+        if self.versions:
+            if not self.name:
+                raise ValueError("`name` is required with `versions` (the id clients ask for)")
+            roles = [v.role for v in self.versions]
+            if roles.count("stable") != 1:
+                raise ValueError(f"`versions` needs exactly one `role: stable` (got {roles.count('stable')})")
+            if roles.count("canary") + roles.count("shadow") > 1:
+                raise ValueError("`versions`: at most one canary or shadow beside the stable version")
+            if not any(v.weight > 0 for v in self.versions if v.role != "shadow"):
+                raise ValueError("`versions`: every answering version has weight 0")
+        return self
+
+
+class CanaryConfig(Section):
+    window_s: float = Field(60.0, gt=0, description="Sliding window over which canary and stable outcomes are compared.")
+    min_requests: int = Field(20, ge=1, description="Outcomes each version needs in the window before the canary is judged.")
+    max_error_rate_delta: float = Field(0.05, ge=0, le=1, description="Roll back when the canary's error rate exceeds stable's by more than this.")
+    max_p95_ratio: float = Field(1.5, gt=1, description="Roll back when the canary's p95 latency exceeds this multiple of stable's.")
+    auto_promote_after_s: float | None = Field(
+        None, gt=0, description="Promote the canary to all traffic after this many seconds without a rollback (null: promotion is `distillery deploy promote`)."
+    )
+    deploy_log: str | None = Field(None, description="Append-only JSONL of traffic changes (rollbacks, promotions), shared by every ingress replica; default `<output_dir>/deploy.jsonl`.")
+    sticky_header: str = Field("x-session-id", description="Request header whose value keeps a session on one version (else the request's `user` field).")
 
 
 class AutoscalingConfig(Section):
@@ -466,6 +505,7 @@ class ServeConfig(Section):
     max_prompt_tokens: int | None = Field(
         None, ge=1, description="Most tokens in one prompt (or chat, rendered); default: the context length less max_tokens."
     )
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="How a canary version is judged, rolled back and promoted.")
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the local Ray started by `distillery serve`; default max(4, cores).")
 
     @model_validator(mode="after")
@@ -645,6 +685,10 @@ class Config(Section):
         return self.distill.cache or os.path.join(self.prepared_dir, "teacher_cache")
 
     @property
+    def deploy_log(self) -> str:
+        return self.serve.canary.deploy_log or os.path.join(self.output_dir, "deploy.jsonl")
+
+    @property
     def generated_dir(self) -> str:
         return self.generate.output or os.path.join(self.output_dir, "generated")
 
@@ -805,8 +849,10 @@ def check_paths(cfg: Config, keys: list[str]) -> None:
             if not cfg.serve.models:
                 missing.append("serve.models: nothing to serve")
             for i, m in enumerate(cfg.serve.models):
-                if not m.path.startswith("registry:"):  # resolved against the registry when the engines are planned
-                    need(f"serve.models.{i}.path", m.path)
+                paths = [(f"serve.models.{i}.path", m.path)] if m.path else [(f"serve.models.{i}.versions.{j}.path", v.path) for j, v in enumerate(m.versions)]
+                for key_, p in paths:
+                    if not p.startswith("registry:"):  # resolved against the registry when the engines are planned
+                        need(key_, p)
         elif key == "model.teacher" and cfg.model.teachers:
             for i, t in enumerate(cfg.model.teachers):
                 need(f"model.teachers.{i}.path", t.path)

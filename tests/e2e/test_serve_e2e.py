@@ -21,6 +21,7 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 API_KEY = "test-key-0123456789"
+CONFIG_FILE: dict[str, Path] = {}  # the served config as a file, for `distillery deploy`
 MAX_LEN = 256
 PROMPT = "Add 12 and 30."
 
@@ -71,15 +72,26 @@ def server(tiny_teacher, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("serve")
     lora = make_lora_run(tiny_teacher, tmp / "lora-run")
+    # A canary that fails every request: its adapter's weights are not a safetensors file.
+    broken = make_lora_run(tiny_teacher, tmp / "broken-run", seed=1)
+    (broken / "model" / "adapter_model.safetensors").write_bytes(b"not weights")
     key_file = tmp / "api_key"
     key_file.write_text(API_KEY + "\n")
     port = free_port()
     cfg = Config.model_validate({"serve": {
-        "models": [{"path": str(tiny_teacher), "name": "teacher"}, {"path": str(lora), "name": "tuned"}],
+        "models": [{"path": str(tiny_teacher), "name": "teacher"}, {"path": str(lora), "name": "tuned"},
+                   {"name": "bot", "versions": [{"path": str(tiny_teacher), "weight": 0.5},
+                                                {"path": str(lora), "weight": 0.5, "role": "canary"}]},
+                   {"name": "flaky", "versions": [{"path": str(tiny_teacher), "weight": 0.5},
+                                                  {"path": str(broken), "weight": 0.5, "role": "canary"}]}],
         "port": port, "api_key_file": str(key_file), "max_model_len": MAX_LEN, "max_num_seqs": 32,
         "max_ongoing_requests": 64, "max_queued_requests": 128,
         "max_request_bytes": 65536, "max_n": 4, "max_prompts": 8, "max_prompt_tokens": 300,
+        # Latency is not judged here: a LoRA canary's first request loads its adapter (a cold start).
+        "canary": {"deploy_log": str(tmp / "deploy.jsonl"), "min_requests": 5, "window_s": 300, "max_p95_ratio": 50},
     }})
+    CONFIG_FILE["path"] = tmp / "serve.yaml"
+    CONFIG_FILE["path"].write_text(cfg.to_yaml())
     # Two logical CPUs for the engine replica's placement group, spare ones for the replacement
     # replica in the kill test; the ingress reserves none.
     ray.init(num_cpus=6, include_dashboard=False)
@@ -108,7 +120,7 @@ def client(server):
 
 def test_models_lists_base_and_adapter(client):
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"teacher", "teacher:tuned"}
+    assert ids == {"teacher", "teacher:tuned", "bot", "flaky", "teacher:bot@v2", "teacher:flaky@v2"}
 
 
 def test_completion_chat_and_streaming_through_openai_client(client):
@@ -251,6 +263,71 @@ def test_requests_are_bounded_and_a_dropped_stream_frees_its_engine_slot(server,
     assert load()["dropped_streams"] - before == 8
     done = client.completions.create(model="teacher", prompt=PROMPT, max_tokens=4)
     assert done.choices[0].text is not None and load() == {"running": 0, "dropped_streams": before + 8}
+
+
+def ask(server: str, name: str, session: str | None = None) -> httpx.Response:
+    headers = {**auth(), **({"X-Session-Id": session} if session else {})}
+    return httpx.post(f"{server}/v1/completions", headers=headers, timeout=120,
+                      json={"model": name, "prompt": PROMPT, "max_tokens": 4, "temperature": 0})
+
+
+def deploy_events(name: str) -> list[dict]:
+    path = CONFIG_FILE["path"].parent / "deploy.jsonl"
+    return [e for e in map(json.loads, path.read_text().splitlines()) if e["name"] == name] if path.exists() else []
+
+
+def test_versions_route_by_weight_and_session_and_name_the_version(server):
+    def version(session: str | None) -> str:
+        r = ask(server, "bot", session)
+        assert r.status_code == 200, r.text
+        return r.headers["x-distillery-version"]
+
+    assert len({version("alice") for _ in range(6)}) == 1  # a session stays on its version
+    assert {version(f"session-{i}") for i in range(24)} == {"v1", "v2"}  # 50/50 over sessions
+
+
+def test_promote_and_roll_back_from_the_command_line(server):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def deploy(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "distillery", "deploy", *args], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(REPO / "platform")})
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    def everyone_on(label: str) -> bool:
+        return all(ask(server, "bot", f"s{i}").headers.get("x-distillery-version") == label for i in range(8))
+
+    deploy("promote", str(CONFIG_FILE["path"]), "bot", "--reason", "clean window")
+    wait_until(lambda: everyone_on("v2"), 30, "every session on the promoted canary", every_s=0.5)
+    deploy("rollback", str(CONFIG_FILE["path"]), "bot")
+    wait_until(lambda: everyone_on("v1"), 30, "every session back on stable", every_s=0.5)
+    status = deploy("status", str(CONFIG_FILE["path"]), "bot")
+    assert "promote" in status and "rollback" in status and "clean window" in status
+    assert [e["event"] for e in deploy_events("bot")] == ["promote", "rollback"]
+
+
+def test_a_failing_canary_is_rolled_back_automatically(server):
+    from distillery.registry.store import Registry
+
+    answers = []
+    for i in range(80):
+        r = ask(server, "flaky", f"user-{i}")
+        answers.append((r.status_code, r.headers.get("x-distillery-version")))
+        if deploy_events("flaky"):
+            break
+    (event,) = deploy_events("flaky")
+    assert event["event"] == "rollback" and event["automatic"] and "error rate" in event["reason"], event
+    assert event["weights"] == {"v1": 1.0, "v2": 0.0}
+    assert any(code >= 500 for code, _ in answers) and (200, "v1") in answers
+    assert len(answers) <= 40  # judged as soon as both versions had min_requests (5) outcomes
+    after = [ask(server, "flaky", f"user-{i}") for i in range(10)]
+    assert [(r.status_code, r.headers["x-distillery-version"]) for r in after] == [(200, "v1")] * 10
+    registry = Registry(os.environ["DISTILLERY_REGISTRY"])
+    assert [e["kind"] for e in registry.events("flaky")] == ["rollback"]
 
 
 def test_killed_replica_is_restarted_and_serves_again(server, client):

@@ -52,6 +52,25 @@ def test_base_named_in_config_keeps_its_name(tmp_path):
     assert [(e.model_id, list(e.adapters)) for e in engines] == [("big", ["tuned"])]
 
 
+def test_versions_become_engines_and_adapters_with_routes(tmp_path):
+    from distillery.serving.app import plan_serving
+
+    base = fake_model(tmp_path / "teacher")
+    v2 = fake_model(tmp_path / "v2")
+    lora = fake_lora_run(tmp_path / "lora", base)
+    engines, routes = plan_serving(cfg_for([
+        {"name": "bot", "versions": [{"path": str(base), "weight": 0.9}, {"path": str(v2), "weight": 0.1, "role": "canary"}]},
+        {"name": "tuned", "versions": [{"path": str(base)}, {"path": str(lora), "role": "shadow"}]},
+    ]))
+    assert {e.model_id for e in engines} == {"bot@v1", "bot@v2"}
+    assert [(v.label, v.model_id, v.weight, v.role) for v in routes["bot"]] == [
+        ("v1", "bot@v1", 0.9, "stable"), ("v2", "bot@v2", 0.1, "canary")]
+    # The second name's stable version is the same directory: the same engine, under its first id.
+    assert [(v.model_id, v.role) for v in routes["tuned"]] == [("bot@v1", "stable"), ("bot@v1:tuned@v2", "shadow")]
+    with pytest.raises(ConfigError, match="serve.models.1.versions.0.path"):
+        plan_serving(cfg_for([{"path": str(base)}, {"name": "x", "versions": [{"path": str(tmp_path / "nope")}]}]))
+
+
 def test_bad_models_fail_naming_the_key(tmp_path):
     base = fake_model(tmp_path / "m")
     with pytest.raises(ConfigError, match=r"serve.models.1.*used twice"):

@@ -19,6 +19,7 @@ the alias points at.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from distillery.registry.record import resolve_model_ref
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, MAX_PROMPT_KEY, DistilleryLLMServer
+from distillery.serving.versions import Version
 
 APP_NAME = "distillery"
 
@@ -57,8 +59,17 @@ def _check_name(name: str, key: str) -> str:
 
 def plan_engines(cfg: Config) -> list[EngineSpec]:
     """Group `serve.models` into engines: full weights directly, adapters onto their base model."""
+    return plan_serving(cfg)[0]
+
+
+def plan_serving(cfg: Config) -> tuple[list[EngineSpec], dict[str, list[Version]]]:
+    """(engines, routes): every model and version of `serve.models` grouped into engines (full
+    weights directly, adapters onto their base model), and for each name served with `versions`,
+    its versions with the engine-side model id each one is asked for."""
     engines: dict[str, EngineSpec] = {}  # resolved full-weight dir -> engine
-    pending: list[tuple[int, str, Path, str]] = []  # (index, adapter name, adapter dir, base path)
+    pending: list[tuple[str, str, Path, str]] = []  # (key, adapter name, adapter dir, base path)
+    routes: dict[str, list[Version]] = {}
+    adapter_versions: list[tuple[Version, str]] = []  # versions served as adapters: their base path, resolved below
 
     def engine_for(path: Path, name: str, key: str) -> EngineSpec:
         real = str(path.resolve())
@@ -68,35 +79,59 @@ def plan_engines(cfg: Config) -> list[EngineSpec]:
             engines[real] = EngineSpec(model_id=_check_name(name, key), path=real)
         return engines[real]
 
-    for i, m in enumerate(cfg.serve.models):
-        key = f"serve.models.{i}"
-        path = resolve_model_ref(m.path, cfg, f"{key}.path")
+    def add(path_text: str, name: str, merge: bool, key: str) -> str | None:
+        """Plan one model directory under `name`; the model id of a full-weight engine, or None
+        for an adapter (its id is known once its base engine is)."""
+        path = resolve_model_ref(path_text, cfg, key)
         try:
             model_dir = resolve_model_dir(path)
         except FileNotFoundError as e:
-            raise ConfigError(f"{key}.path: {e}") from None
-        default_name = m.path[len("registry:"):].split("@")[0] if path != m.path else Path(path.rstrip("/")).name
+            raise ConfigError(f"{key}: {e}") from None
         base = adapter_base(model_dir)
         if base is None:
-            engine_for(model_dir, m.name or default_name, key)
-        elif m.merge_lora:
-            engine_for(merge_adapter(model_dir, say=lambda line: print(f"serve: {line}", flush=True)), m.name or default_name, key)
-        else:
-            pending.append((i, _check_name(m.name or default_name, f"{key}.name"), model_dir, base))
+            return engine_for(model_dir, name, key).model_id
+        if merge:
+            return engine_for(merge_adapter(model_dir, say=lambda line: print(f"serve: {line}", flush=True)), name, key).model_id
+        pending.append((key, _check_name(name, key), model_dir, base))
+        return None
 
-    for i, name, adapter_dir, base in pending:
+    for i, m in enumerate(cfg.serve.models):
         key = f"serve.models.{i}"
+        if not m.versions:
+            default_name = m.path[len("registry:"):].split("@")[0] if m.path.startswith("registry:") else Path(m.path.rstrip("/")).name
+            add(m.path, m.name or default_name, m.merge_lora, f"{key}.path")
+            continue
+        name = _check_name(m.name, f"{key}.name")
+        if name in routes:
+            raise ConfigError(f"{key}.name: model name '{name}' is used twice")
+        routes[name] = []
+        for j, v in enumerate(m.versions):
+            label = f"v{j + 1}"
+            vkey = f"{key}.versions.{j}.path"
+            model_id = add(v.path, f"{name}@{label}", m.merge_lora, vkey)
+            version = Version(label=label, model_id=model_id or "", weight=v.weight, role=v.role)
+            routes[name].append(version)
+            if model_id is None:
+                adapter_versions.append((version, pending[-1][1]))
+
+    for key, name, adapter_dir, base in pending:
         try:
             base_dir = resolve_model_dir(base)
         except FileNotFoundError as e:
-            raise ConfigError(f"{key}.path: the adapter's base model cannot be found: {e}") from None
+            raise ConfigError(f"{key}: the adapter's base model cannot be found: {e}") from None
         engine = engine_for(base_dir, Path(base.rstrip("/")).name, key)
         if name in engine.adapters:
-            raise ConfigError(f"{key}.name: adapter name '{name}' is used twice on base '{engine.model_id}'")
+            raise ConfigError(f"{key}: adapter name '{name}' is used twice on base '{engine.model_id}'")
         engine.adapters[name] = str(adapter_dir.resolve())
         rank = json.loads((adapter_dir / "adapter_config.json").read_text()).get("r", 8)
         engine.max_lora_rank = max(engine.max_lora_rank, rank)
-    return list(engines.values())
+        for version, adapter_name in adapter_versions:
+            if adapter_name == name and not version.model_id:
+                version.model_id = f"{engine.model_id}:{name}"
+    clash = set(routes) & {e.model_id for e in engines.values()}
+    if clash:
+        raise ConfigError(f"serve.models: '{sorted(clash)[0]}' names both a versioned model and an engine; rename one")
+    return list(engines.values()), routes
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -195,7 +230,7 @@ def build_app(cfg: Config):
     if not cfg.serve.models:
         raise ConfigError("serve.models: nothing to serve")
     key = read_api_key(cfg)
-    engines = plan_engines(cfg)
+    engines, routes = plan_serving(cfg)
     use_gpu = _use_gpu(cfg)
     s = cfg.serve
     return build_openai_app({
@@ -210,6 +245,10 @@ def build_app(cfg: Config):
                 "max_request_bytes": s.max_request_bytes,
                 "max_n": s.max_n,
                 "max_prompts": s.max_prompts,
+                "routes": {name: [dataclasses.asdict(v) for v in versions] for name, versions in routes.items()},
+                "canary": s.canary.model_dump(),
+                "deploy_log": str(Path(cfg.deploy_log).resolve()) if routes else None,
+                "registry": cfg.registry.path if cfg.registry.record else None,
             },
         },
         # On a 2-core host a CPU held by the ingress would leave none for the engine replica.

@@ -19,8 +19,12 @@ Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import random
+import sys
+import time
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -30,6 +34,9 @@ from starlette.responses import JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 
 from distillery import ray_compat as rc
+from distillery.serving.versions import DeployLog, Version, Window, choose, judge
+
+VERSION_HEADER = "X-Distillery-Version"
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error"}
@@ -147,12 +154,30 @@ class DistilleryIngress(rc.OpenAiIngress):
         overload_status: 503 or 429 for requests the engine deployment's queue cannot take.
         retry_after_s: value of the `Retry-After` header on those answers.
         max_request_bytes, max_n, max_prompts: the bounds on one request (serve.* of the same names).
+        routes: served name -> its versions (dicts of `serving.versions.Version`'s fields).
+        canary: serve.canary as a dict; deploy_log: its path; registry: the lineage registry's
+            directory, where rollbacks and promotions are also recorded (None: not recorded there).
     """
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, adapters=None,
                  api_key_digest: str | None = None, overload_status: int = 503, retry_after_s: int = 1,
-                 max_request_bytes: int = 1 << 20, max_n: int = 8, max_prompts: int = 32, **kwargs):
+                 max_request_bytes: int = 1 << 20, max_n: int = 8, max_prompts: int = 32,
+                 routes: dict[str, list[dict]] | None = None, canary: dict | None = None,
+                 deploy_log: str | None = None, registry: str | None = None, **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
+        self._routes = {name: [Version(**v) for v in versions] for name, versions in (routes or {}).items()}
+        self._canary = canary or {}
+        self._log = DeployLog(deploy_log) if deploy_log and self._routes else None
+        self._registry = registry
+        self._weights = {name: {v.label: v.weight for v in vs} for name, vs in self._routes.items()}
+        self._windows = {(name, v.label): Window(self._canary.get("window_s", 60.0)) for name, vs in self._routes.items() for v in vs}
+        self._since = dict.fromkeys(self._routes, time.monotonic())  # when each name's traffic last changed
+        self._log_checked = 0.0
+        self._rng = random.Random()
+        if self._log is not None:
+            self._log.refresh()
+            for name in self._routes:
+                self._weights[name] = self._log.weights(name) or self._weights[name]
         self._adapters: dict[str, dict[str, str]] = {b: dict(a) for b, a in (adapters or {}).items()}
         self._api_key_digest = api_key_digest
         self._overload_status = overload_status
@@ -184,6 +209,11 @@ class DistilleryIngress(rc.OpenAiIngress):
         return list(self._model_cards) + [f"{b}:{a}" for b, names in self._adapters.items() for a in names]
 
     async def model(self, model_id: str) -> rc.ModelCard | None:
+        if model_id in self._routes:
+            stable = next(v for v in self._routes[model_id] if v.role == "stable")
+            card = await self.model(stable.model_id)
+            return rc.ModelCard(id=model_id, object="model", owned_by=card.owned_by, permission=list(card.permission),
+                                metadata={**card.metadata, "versions": {v.label: v.role for v in self._routes[model_id]}})
         card = await super().model(model_id)
         if card is not None:
             return card
@@ -200,6 +230,8 @@ class DistilleryIngress(rc.OpenAiIngress):
         for model_id in self._all_ids():
             if ":" in model_id:
                 listing.data.append(await self.model(model_id))
+        for name in self._routes:
+            listing.data.append(await self.model(name))
         return listing
 
     def _bounds_error(self, body) -> JSONResponse | None:
@@ -213,10 +245,104 @@ class DistilleryIngress(rc.OpenAiIngress):
                                      f"per request (serve.max_prompts)", param="prompt")
         return None
 
+    # -- versions ---------------------------------------------------------------------------------
+
+    def _sync_traffic(self) -> None:
+        """Apply traffic changes other replicas or `distillery deploy` wrote (checked once a second)."""
+        now = time.monotonic()
+        if self._log is None or now - self._log_checked < 1.0:
+            return
+        self._log_checked = now
+        for record in self._log.refresh():
+            if record.get("name") in self._routes and "weights" in record:
+                self._weights[record["name"]] = record["weights"]
+                self._since[record["name"]] = now
+
+    def _change_traffic(self, event: str, name: str, weights: dict[str, float], **detail: Any) -> None:
+        """Shift `name`'s traffic to `weights` here, and record it for every replica and the registry."""
+        self._weights[name] = weights
+        self._since[name] = time.monotonic()
+        if self._log is not None:
+            self._log.append(event, name, weights, **detail)
+            self._log.refresh()  # our own line: not applied a second time later
+        print(f"serve: {event} of '{name}': traffic {weights} ({detail.get('reason', '')})", file=sys.stderr, flush=True)
+        if self._registry:
+            try:
+                from distillery.registry.store import Registry
+
+                Registry(self._registry).log_event(event, name, {"weights": weights, **detail})
+            except Exception as e:  # noqa: BLE001 - the deploy log already holds the event
+                print(f"serve: warning: could not record the {event} in the registry: {e}", file=sys.stderr, flush=True)
+
+    def _check_canary(self, name: str) -> None:
+        """Roll the canary back when it is worse than stable; promote it after a clean window."""
+        versions, weights = self._routes[name], self._weights[name]
+        canary = next((v for v in versions if v.role == "canary"), None)
+        stable = next(v for v in versions if v.role == "stable")
+        if canary is None or weights.get(canary.label, 0) <= 0 or weights.get(stable.label, 0) <= 0:
+            return
+        c = self._canary
+        s_stats, c_stats = self._windows[(name, stable.label)].stats(), self._windows[(name, canary.label)].stats()
+        reason = judge(s_stats, c_stats, c.get("min_requests", 20), c.get("max_error_rate_delta", 0.05), c.get("max_p95_ratio", 1.5))
+        if reason:
+            self._change_traffic("rollback", name, {stable.label: 1.0, canary.label: 0.0}, reason=reason,
+                                 stable=s_stats, canary=c_stats, automatic=True)
+            return
+        after = c.get("auto_promote_after_s")
+        if after and time.monotonic() - self._since[name] >= after and c_stats["requests"] >= c.get("min_requests", 20):
+            self._change_traffic("promote", name, {stable.label: 0.0, canary.label: 1.0},
+                                 reason=f"no rollback in {after:g} s", stable=s_stats, canary=c_stats, automatic=True)
+
+    def _route(self, body, raw_request: Request | None) -> tuple[str, Version] | None:
+        """For a versioned name: (name, the version that answers), with body.model rewritten to it."""
+        name = getattr(body, "model", None)
+        if name not in self._routes:
+            return None
+        self._sync_traffic()
+        header = self._canary.get("sticky_header", "x-session-id")
+        key = (raw_request.headers.get(header) if raw_request is not None else None) or getattr(body, "user", None)
+        version = choose(self._routes[name], self._weights[name], key, self._rng)
+        shadow = next((v for v in self._routes[name] if v.role == "shadow"), None)
+        if shadow is not None and self._rng.random() < self._weights[name].get(shadow.label, 0.0):
+            copy = body.model_copy(update={"model": shadow.model_id, "stream": False})
+            asyncio.get_running_loop().create_task(self._shadow(name, shadow, copy))
+        body.model = version.model_id
+        return name, version
+
+    async def _shadow(self, name: str, shadow: Version, body) -> None:
+        """Run a copy of a request on the shadow version; its answer goes to `<deploy log>.shadow.jsonl`."""
+        t0 = time.monotonic()
+        try:
+            call = "chat" if hasattr(body, "messages") else "completions"
+            response = await super()._process_llm_request(body, call, None)
+            ok, answer = response.status_code < 500, bytes(getattr(response, "body", b"")).decode("utf-8", "replace")
+        except Exception as e:  # noqa: BLE001 - a shadow's failure never reaches a client
+            ok, answer = False, f"{type(e).__name__}: {e}"
+        self._windows[(name, shadow.label)].add(ok, time.monotonic() - t0)
+        if self._log is not None:
+            DeployLog(self._log.path + ".shadow.jsonl").append("shadow", name, version=shadow.label, ok=ok,
+                                                                latency_s=round(time.monotonic() - t0, 4), answer=answer[:4000])
+
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
         error = self._bounds_error(body)
         if error is not None:
             return error
+        routed = self._route(body, raw_request)
+        if routed is None:
+            return await self._answer(body, call_method, raw_request)
+        name, version = routed
+        t0 = time.monotonic()
+        ok = False
+        try:
+            response = await self._answer(body, call_method, raw_request)
+            ok = response.status_code < 500
+        finally:
+            self._windows[(name, version.label)].add(ok, time.monotonic() - t0)
+            self._check_canary(name)
+        response.headers[VERSION_HEADER] = version.label
+        return response
+
+    async def _answer(self, body, call_method: str, raw_request: Request | None) -> Response:
         try:
             return await super()._process_llm_request(body, call_method, raw_request)
         except BackPressureError as e:
