@@ -137,11 +137,11 @@ def main() -> None:
     for name, r in rows.items():
         print(f"{name:<14} {r['bytes'] / 1e6:>8.1f} {r['bytes'] / ref['bytes']:>7.2f}x {r['tokens_per_s_c1']:>10.0f} "
               f"{r['tokens_per_s_c1'] / ref['tokens_per_s_c1']:>7.2f}x {r['tokens_per_s_c32']:>11.0f} "
-              f"{r['tokens_per_s_c32'] / ref['tokens_per_s_c32']:>7.2f}x {r['exact_match']:>6.3f} {r['kl_to_fp32']:>8.4f} {r['top1_vs_fp32']:>6.3f}")
+              f"{r['tokens_per_s_c32'] / ref['tokens_per_s_c32']:>7.2f}x {r['exact_match']:>6.3f} {r['kl_to_fp32']:>8.1e} {r['top1_vs_fp32']:>6.3f}")
     q = rows["int8-qat"]
     print(f"\ntargets: size <= 0.3x fp32: {q['bytes'] / ref['bytes']:.2f}x; tokens/s >= 1.3x: c=1 {q['tokens_per_s_c1'] / ref['tokens_per_s_c1']:.2f}x, "
-          f"c=32 {q['tokens_per_s_c32'] / ref['tokens_per_s_c32']:.2f}x; KL to fp32 after QAT <= 0.05: {q['kl_to_fp32']:.4f} "
-          f"(PTQ {rows['int8-ptq']['kl_to_fp32']:.4f}, round to nearest {rows['int8-ptq-rtn']['kl_to_fp32']:.4f})")
+          f"c=32 {q['tokens_per_s_c32'] / ref['tokens_per_s_c32']:.2f}x; KL to fp32 after QAT <= 0.05: {q['kl_to_fp32']:.1e} "
+          f"(PTQ {rows['int8-ptq']['kl_to_fp32']:.1e}, round to nearest {rows['int8-ptq-rtn']['kl_to_fp32']:.1e})")
     out = REPO / "benchmarks" / "results" / "quantize.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "parameters": summary["parameters"], "rows": rows}, indent=2))
