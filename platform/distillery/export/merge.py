@@ -15,6 +15,7 @@ from pathlib import Path
 
 from distillery.files import install_dir, removed_on_failure
 from distillery.models.load import adapter_base, load_causal_lm, load_tokenizer, model_identity, resolve_model_dir
+from distillery.registry.record import sha256_file
 
 MERGES = "merges"
 KEY_CHARS = 16
@@ -28,10 +29,7 @@ def merge_key(adapter_dir: str | os.PathLike[str]) -> str:
         raise ValueError(f"'{adapter_dir}' is not a LoRA adapter (no adapter_config.json)")
     h = hashlib.sha256()
     for p in sorted(q for q in adapter_dir.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(adapter_dir)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        h.update(f"{p.relative_to(adapter_dir)}\0{sha256_file(p)}\0".encode())
     h.update(model_identity(resolve_model_dir(base))["hash"].encode())
     return h.hexdigest()[:KEY_CHARS]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from distillery.config import Config, ConfigError
 from distillery.data.splits import load_manifest
+from distillery.evaluation.model_metrics import size_on_disk
 from distillery.export.card import render_card
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
 from distillery.models.load import adapter_base, model_config, model_identity, resolve_model_dir
@@ -30,10 +31,6 @@ EXPORT_MANIFEST = "distillery_export.json"
 
 def say(line: str) -> None:
     print(f"export: {line}", flush=True)
-
-
-def _dir_bytes(d: Path) -> int:
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
 
 
 def _source_bytes(model_dir: Path) -> int:
@@ -79,7 +76,8 @@ def _torch_dtype(name: str, model_dir: Path):
 
     if name != "auto":
         return getattr(torch, name)
-    own = getattr(model_config(model_dir), "dtype", None) or getattr(model_config(model_dir), "torch_dtype", None)
+    config = model_config(model_dir)
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(own, str):
         own = getattr(torch, own, None)
     return own if isinstance(own, torch.dtype) else torch.float32
@@ -137,7 +135,7 @@ def run_export(cfg: Config) -> int:
             model = load_causal_lm(full_dir, dtype=manifest["dtype"]).eval()
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        manifest["bytes"] = _dir_bytes(Path(tmp))
+        manifest["bytes"] = size_on_disk(Path(tmp))
         manifest["source_bytes"] = _source_bytes(model_dir)
         write_text_atomic(Path(tmp) / EXPORT_MANIFEST, json.dumps(manifest, indent=2))
         write_text_atomic(Path(tmp) / "README.md", render_card(ec.name or out.name, manifest, run_dir))

@@ -32,7 +32,8 @@ from typing import Any
 from distillery.config import Config, ConfigError, check_paths, load_config
 from distillery.export.merge import merge_adapter
 from distillery.models.load import adapter_base, resolve_model_dir, vllm_max_lora_rank
-from distillery.registry.record import resolve_model_ref
+from distillery.registry.record import REGISTRY_PREFIX, resolve_model_ref
+from distillery.registry.store import parse_ref
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, MAX_PROMPT_KEY, DistilleryLLMServer
@@ -98,7 +99,10 @@ def plan_serving(cfg: Config) -> tuple[list[EngineSpec], dict[str, list[Version]
     for i, m in enumerate(cfg.serve.models):
         key = f"serve.models.{i}"
         if not m.versions:
-            default_name = m.path[len("registry:"):].split("@")[0] if m.path.startswith("registry:") else Path(m.path.rstrip("/")).name
+            try:
+                default_name = parse_ref(m.path)[0] if m.path.startswith(REGISTRY_PREFIX) else Path(m.path.rstrip("/")).name
+            except ValueError as e:
+                raise ConfigError(f"{key}.path: {e}") from None
             add(m.path, m.name or default_name, m.merge_lora, f"{key}.path")
             continue
         name = _check_name(m.name, f"{key}.name")

@@ -168,6 +168,7 @@ class DistilleryIngress(rc.OpenAiIngress):
         self._routes = {name: [Version(**v) for v in versions] for name, versions in (routes or {}).items()}
         self._canary = canary or {}
         self._log = DeployLog(deploy_log) if deploy_log and self._routes else None
+        self._shadow_log = DeployLog(deploy_log + ".shadow.jsonl") if self._log is not None else None
         self._registry = registry
         self._weights = {name: {v.label: v.weight for v in vs} for name, vs in self._routes.items()}
         self._windows = {(name, v.label): Window(self._canary.get("window_s", 60.0)) for name, vs in self._routes.items() for v in vs}
@@ -319,9 +320,9 @@ class DistilleryIngress(rc.OpenAiIngress):
         except Exception as e:  # noqa: BLE001 - a shadow's failure never reaches a client
             ok, answer = False, f"{type(e).__name__}: {e}"
         self._windows[(name, shadow.label)].add(ok, time.monotonic() - t0)
-        if self._log is not None:
-            DeployLog(self._log.path + ".shadow.jsonl").append("shadow", name, version=shadow.label, ok=ok,
-                                                                latency_s=round(time.monotonic() - t0, 4), answer=answer[:4000])
+        if self._shadow_log is not None:
+            self._shadow_log.append("shadow", name, version=shadow.label, ok=ok,
+                                    latency_s=round(time.monotonic() - t0, 4), answer=answer[:4000])
 
     async def _process_llm_request(self, body, call_method: str, raw_request: Request | None = None) -> Response:
         error = self._bounds_error(body)
