@@ -359,3 +359,17 @@ def test_cli_commands(tmp_path, capsys):
         assert cli(root, *argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+
+
+def test_finish_stage_records_unless_registry_record_is_off(tmp_path):
+    from distillery.config import load_config
+    from distillery.registry.record import finish_stage, new_record
+
+    for record_on in (True, False):
+        root = tmp_path / f"reg-{record_on}"
+        cfg = load_config(overrides=[f"registry.dir={root}", f"registry.record={str(record_on).lower()}"])
+        out = tmp_path / f"out-{record_on}"
+        out.mkdir()
+        rec = finish_stage(cfg, new_record(cfg, "prepare", out, inputs={}, outputs={"data_fingerprint": "ab" * 32}))
+        assert json.loads((out / "run.json").read_text())["run_id"] == rec["run_id"]
+        assert Registry(root).count_runs() == (1 if record_on else 0)
