@@ -469,7 +469,9 @@ class CanaryConfig(Section):
 class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0, description="Replicas kept even when idle.")
     max_replicas: int = Field(1, ge=1, description="Upper bound on replicas.")
-    target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica the autoscaler aims at.")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Ongoing requests per replica the autoscaler aims at (null: 16; with serve.latency_target_ms replicas follow the latency instead)."
+    )
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> "AutoscalingConfig":
@@ -506,6 +508,12 @@ class ServeConfig(Section):
         None, ge=1, description="Most tokens in one prompt (or chat, rendered); default: the context length less max_tokens."
     )
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="How a canary version is judged, rolled back and promoted.")
+    latency_target_ms: float | None = Field(
+        None, gt=0, description="p95 latency each engine replica holds by admitting fewer or more requests at once (AIMD, at most max_num_seqs), and that autoscaling between autoscaling.min_replicas and max_replicas follows (null: a static max_num_seqs and queue-length autoscaling)."
+    )
+    latency_metric: Literal["tpot", "ttft"] | None = Field(
+        None, description="What latency_target_ms measures: `tpot` (the default), a request's mean time per output token after its first, or `ttft`, its time from admission to the first token."
+    )
     ray_num_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the local Ray started by `distillery serve`; default max(4, cores).")
 
     @model_validator(mode="after")
@@ -516,6 +524,11 @@ class ServeConfig(Section):
         if not loopback and not (self.api_key_env or self.api_key_file) and not self.allow_unauthenticated:
             raise ValueError(f"host {self.host} is reachable from other machines and no API key is set: set api_key_env or "
                              f"api_key_file, or allow_unauthenticated: true to serve anyone who reaches the port")
+        if self.latency_target_ms is None and self.latency_metric is not None:
+            raise ValueError("latency_metric is set but latency_target_ms is not: set the target it measures")
+        if self.latency_target_ms is not None and self.autoscaling.target_ongoing_requests is not None:
+            raise ValueError("autoscaling.target_ongoing_requests and latency_target_ms both steer the replica count; "
+                             "with a latency target, replicas follow the requests each one admits at that target")
         return self
 
 

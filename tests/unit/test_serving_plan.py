@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from distillery.config import Config, ConfigError
 from distillery.serving.app import llm_config, plan_engines, read_api_key
@@ -103,6 +104,22 @@ def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path):
     assert d["autoscaling_config"]["max_replicas"] == 3 and d["autoscaling_config"]["target_ongoing_requests"] == 4
     assert lc.experimental_configs[ADAPTERS_KEY] == {"tuned": str((run / "model").resolve())}
     assert lc.experimental_configs[MAX_LEN_KEY] == 512  # from the model when serve.max_model_len is unset
+
+
+def test_latency_target_sets_admission_and_the_latency_autoscaling_policy(tmp_path):
+    m = fake_model(tmp_path / "m")
+    cfg = cfg_for([{"path": str(m)}], max_num_seqs=24, latency_target_ms=80, latency_metric="ttft",
+                  autoscaling={"min_replicas": 1, "max_replicas": 4})
+    (engine,) = plan_engines(cfg)
+    d = llm_config(cfg, engine, use_gpu=False).deployment_config
+    assert d["user_config"] == {"latency_target_ms": 80, "latency_metric": "ttft", "max_admitted": 24}
+    assert d["autoscaling_config"]["policy"] == {"policy_function": "distillery.serving.autoscale:latency_policy"}
+    plain = llm_config(cfg_for([{"path": str(m)}]), engine, use_gpu=False).deployment_config
+    assert "user_config" not in plain and "policy" not in plain["autoscaling_config"]
+    with pytest.raises(ValidationError, match="latency_metric is set but latency_target_ms is not"):
+        cfg_for([{"path": str(m)}], latency_metric="ttft")
+    with pytest.raises(ValidationError, match="target_ongoing_requests and latency_target_ms"):
+        cfg_for([{"path": str(m)}], latency_target_ms=80, autoscaling={"target_ongoing_requests": 4})
 
 
 def test_api_key_from_env_or_file_never_from_config(tmp_path, monkeypatch):

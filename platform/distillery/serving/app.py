@@ -184,9 +184,17 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
             "min_replicas": a.min_replicas,
             "initial_replicas": max(a.min_replicas, 1),
             "max_replicas": a.max_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
+            "target_ongoing_requests": a.target_ongoing_requests or 16,
         },
     }
+    if s.latency_target_ms is not None:
+        # The replica's admission controller reads these (DistilleryLLMServer.reconfigure); a
+        # `serve deploy` that changes only them retargets running replicas without a restart.
+        deployment_config["user_config"] = {"latency_target_ms": s.latency_target_ms, "latency_metric": s.latency_metric or "tpot",
+                                            "max_admitted": s.max_num_seqs}
+        # Replicas report their admission state every 2 s; the policy averages the last 10 s.
+        deployment_config["autoscaling_config"].update(
+            policy={"policy_function": "distillery.serving.autoscale:latency_policy"}, metrics_interval_s=2.0, look_back_period_s=10.0)
     return LLMConfig(
         model_loading_config={"model_id": engine.model_id, "model_source": engine.path},
         engine_kwargs=engine_kwargs,

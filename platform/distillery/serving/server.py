@@ -1,14 +1,18 @@
 """The engine side of `distillery serve`: Ray's LLM server (one vLLM engine per replica) with
-local LoRA adapters and prompt-length checks. Runs inside the engine replicas, not the driver.
+local LoRA adapters, prompt-length checks and latency-target admission. Runs inside the engine
+replicas, not the driver.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from typing import Any
 
 from fastapi import HTTPException
 
 from distillery import ray_compat as rc
+from distillery.serving.admission import AdmissionControl, Ticket
 
 ADAPTERS_KEY = "distillery_adapters"  # LLMConfig.experimental_configs key: adapter name -> local dir
 MAX_LEN_KEY = "distillery_max_model_len"  # LLMConfig.experimental_configs key: context length in tokens
@@ -43,6 +47,24 @@ class DistilleryLLMServer(rc.LLMServer):
                                model_downloader=model_downloader or LocalAdapterLoader)
         self._tokenizer = None
         self._dropped_streams = 0
+        self._admission: AdmissionControl | None = None  # set by `reconfigure` (Serve's user_config)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's live settings (the deployment's `user_config`), applied without a restart:
+        `max_admitted` (requests the engine works on at once), `latency_target_ms` (null: that
+        number is fixed; else the p95 target the admission controller steers it to) and
+        `latency_metric` (`tpot` or `ttft`)."""
+        unknown = set(user_config) - {"max_admitted", "latency_target_ms", "latency_metric"}
+        if unknown:
+            raise ValueError(f"user_config: unknown key(s) {sorted(unknown)}")
+        target_ms = user_config.get("latency_target_ms")
+        target_s = target_ms / 1000 if target_ms else None
+        metric = user_config.get("latency_metric", "tpot")
+        limit = int(user_config.get("max_admitted") or self._llm_config.engine_kwargs.get("max_num_seqs", 256))
+        if self._admission is None:
+            self._admission = AdmissionControl(limit, target_s, metric)
+        else:
+            self._admission.set_target(target_s, metric, limit)
 
     def _prompt_tokens(self, request) -> int:
         if self._tokenizer is None:
@@ -82,31 +104,80 @@ class DistilleryLLMServer(rc.LLMServer):
         return rc.ErrorResponse(error=rc.ErrorInfo(message=message, type="invalid_request_error", param="max_tokens", code=400))
 
     async def chat(self, request, raw_request_info=None):
-        error = await self._context_error(request)
-        return _once(error) if error else self._watched(await super().chat(request, raw_request_info))
+        return await self._run(request, raw_request_info, super().chat)
 
     async def completions(self, request, raw_request_info=None):
-        error = await self._context_error(request)
-        return _once(error) if error else self._watched(await super().completions(request, raw_request_info))
+        return await self._run(request, raw_request_info, super().completions)
 
-    async def _watched(self, stream):
+    async def _run(self, request, raw_request_info, method):
+        error = await self._context_error(request)
+        if error:
+            return _once(error)
+        # Waiting for admission happens before the engine sees the request: a client that hangs
+        # up meanwhile is cancelled here and never costs an engine step.
+        ticket = await self._admission.acquire() if self._admission else None
+        try:
+            stream = await method(request, raw_request_info)
+        except BaseException:
+            if ticket is not None:
+                self._admission.release(ticket)
+            raise
+        return self._watched(stream, ticket, getattr(request, "n", None) or 1)
+
+    async def _watched(self, stream, ticket: Ticket | None = None, n: int = 1):
         """`stream`, counting the ones that end before their last item: a client that hung up makes
         Serve cancel this generator, and closing the engine's generator here aborts the request in
-        vLLM at once, freeing its batch slot and KV cache."""
+        vLLM at once, freeing its batch slot and KV cache. With admission on, the request's
+        latency (time to first token, or per output token) goes to the controller."""
         finished = False
+        first = last = None
+        events = 0  # streamed chunks: one per output token of each sequence (and a role chunk)
+        usage_tokens = None  # a non-streamed response's completion tokens
         try:
             async for item in stream:
+                last = time.monotonic()
+                first = first or last
+                if isinstance(item, list):
+                    events += sum(1 for chunk in item if isinstance(chunk, str) and chunk.startswith("data: ")
+                                  and "[DONE]" not in chunk)
+                elif getattr(item, "usage", None) is not None:
+                    usage_tokens = item.usage.completion_tokens
                 yield item
             finished = True
         finally:
             if not finished:
                 self._dropped_streams += 1
                 await stream.aclose()
+            if ticket is not None:
+                latency = _latency(self._admission.metric, ticket.admitted_at, first, last, events, usage_tokens, n) if finished else None
+                self._admission.release(ticket, latency)
 
-    async def engine_load(self) -> dict[str, int]:
-        """{running: requests the engine holds (running or waiting), dropped_streams: responses that
-        ended before their last chunk}: what a client that goes away must free."""
-        return {"running": rc.engine_unfinished_requests(self.engine), "dropped_streams": self._dropped_streams}
+    async def engine_load(self) -> dict[str, Any]:
+        """{replica, running: requests the engine holds (running or waiting), dropped_streams:
+        responses that ended before their last chunk, admission: the controller's state or None}."""
+        from ray import serve
+
+        return {"replica": serve.get_replica_context().replica_id.unique_id,
+                "running": rc.engine_unfinished_requests(self.engine), "dropped_streams": self._dropped_streams,
+                "admission": self._admission.stats() if self._admission else None}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics: the admission state (`serving.autoscale` reads it)."""
+        return self._admission.stats() if self._admission else {}
+
+
+def _latency(metric: str, admitted: float, first: float | None, last: float | None, events: int,
+             usage_tokens: int | None, n: int) -> float | None:
+    """One request's latency in seconds: `ttft` from admission to its first item, or `tpot`, the
+    mean time per output token after the first (a non-streamed response: over all its tokens)."""
+    if first is None:
+        return None
+    if metric == "ttft":
+        return first - admitted
+    if usage_tokens:  # not streamed: the whole response arrived at once
+        return (last - admitted) / max(usage_tokens / n, 1)
+    per_sequence = events / n
+    return (last - first) / (per_sequence - 1) if per_sequence > 2 else None
 
 
 async def _once(item):
