@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test test-unit test-integration test-e2e demo bench clean
+.PHONY: install test test-unit test-integration test-e2e test-gpu demo bench clean
 
 install: $(STAMP)
 
@@ -25,8 +25,11 @@ $(STAMP): pyproject.toml
 # on 2 cores. tests/conftest.py gives each its own Ray temp dir so their clusters stay apart.
 TEST_WORKERS ?= 2
 
+# tests/gpu is left out here: on a CPU machine it would only skip, and on a GPU machine its checks
+# must not run in two test processes at once (each vLLM engine sizes its KV cache from the GPU
+# memory free when it starts, so two at once fail or starve). `make test-gpu` runs it alone.
 test: install
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=tests/gpu tests
 
 test-unit: install
 	$(BIN)/python -m pytest tests/unit
@@ -36,6 +39,19 @@ test-integration: install
 
 test-e2e: install
 	$(BIN)/python -m pytest tests/e2e
+
+# GPU checks (tests/gpu): FSDP2 fine-tune and online distillation on NCCL in bf16, the vLLM teacher
+# cache, generate and serve on one GPU. Installs the GPU build (vllm + CUDA torch) whatever EXTRAS
+# says; one test process (the checks take the GPU in turn). Each check has its own timeout mark;
+# GPU_TEST_TIMEOUT bounds any check without one. Without a visible GPU every check is skipped:
+# tests/gpu/run.sh fails such a run instead of letting it pass.
+GPU_EXTRAS ?= gpu,dev
+GPU_TEST_TIMEOUT ?= 600
+GPU_PYTEST_ARGS ?=
+
+test-gpu:
+	$(MAKE) install EXTRAS=$(GPU_EXTRAS)
+	$(BIN)/python -m pytest --timeout=$(GPU_TEST_TIMEOUT) -rsfE $(GPU_PYTEST_ARGS) tests/gpu
 
 demo: install
 	$(BIN)/distillery demo jobs/demo.yaml --workdir runs/demo

@@ -78,3 +78,21 @@ def prepared_tiny(tmp_path_factory, demo_corpus, tiny_teacher) -> Path:
     from prepared_fixture import write_prepared
 
     return write_prepared(demo_corpus["train"], tiny_teacher, tmp_path_factory.mktemp("prepared"))
+
+
+def stop_cli(proc, reader, timeout_s: float) -> int:
+    """Ctrl-C a CLI subprocess that is still running (as a user would), wait for it and for the thread
+    `reader` collecting its output; its exit status. Killed, and the timeout raised, if it hangs."""
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)
+        raise
+    reader.join(timeout=10)
+    return rc

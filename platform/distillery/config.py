@@ -167,7 +167,7 @@ class ModelConfig(Section):
     )
     tokenizer: str | None = Field(None, description="Tokenizer directory when it differs from `path`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights dtype: `auto` is bf16 on GPU and fp32 on CPU (faster there)."
+        "auto", description="Dtype of the frozen and inference copies (teacher cache, sampling engines): `auto` is bf16 on GPU and fp32 on CPU (faster there). Trained weights follow train.precision (fp32 masters except bf16-pure)."
     )
     attn_implementation: str | None = Field(None, description="transformers attention kernel the student (and an online teacher) load with, e.g. `sdpa`, `eager`; default is the library's. Attention-map distillation always uses `eager`.")
 
@@ -362,7 +362,9 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers (one process each; one GPU each when use_gpu).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
     strategy: Literal["fsdp", "ddp", "none"] = Field("fsdp", description="FSDP2 sharding, DDP replication, or a single unwrapped model.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs reserved per training worker.")
+    cpus_per_worker: float | None = Field(
+        None, gt=0, description="Logical CPUs reserved per training worker, also its torch thread count. null (auto): a run that starts its own Ray shares this machine's cores among its workers (and concurrent tune trials), less one per sampling engine, at least 1 each; a run that joins a cluster reserves 1."
+    )
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="Extra Ray resources per worker, e.g. {trainer: 1} with one `trainer` per node to place one worker per node."
     )
@@ -392,7 +394,9 @@ class TrainConfig(Section):
         None, ge=0, description="Weight of the MoE router load-balancing loss added to the training loss (null: the model config's `router_aux_loss_coef`; MoE models only)."
     )
     ewc: EwcConfig = Field(default_factory=EwcConfig, description="Elastic weight consolidation against forgetting a previous task.")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="`auto`: bf16 mixed precision on GPU, fp32 on CPU.")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "bf16-pure"] = Field(
+        "auto", description="Training numerics. `fp32`: fp32 throughout. `bf16`: mixed precision, fp32 master weights (what the optimiser updates) and fp32 gradient reduction, bf16 compute (FSDP2 policy, or autocast with ddp/none); GPU or CPU. `fp16`: the same in fp16 with loss scaling, for GPUs without bf16 (GPU only). `bf16-pure`: weights and optimiser state stored in bf16, no fp32 copy: half the weight memory, but an update smaller than bf16's resolution (about 2^-8 of the weight) is rounded away. `auto`: bf16 on GPU, fp32 on CPU. The trained weights load in fp32 (bf16 for bf16-pure) whatever `model.dtype` says; that sets the teacher cache's and the sampling engines' dtype."
+    )
     curriculum: CurriculumConfig | None = Field(None, description="Order training rows from easy to hard (null: the prepared order).")
     trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")
     qat: bool = Field(
@@ -429,12 +433,24 @@ class ServeVersionConfig(Section):
     )
 
 
+class ProbeConfig(Section):
+    file: str = Field(
+        description="JSONL of {prompt, answer} rows, read at every round (edits apply without a restart): stable and canary each answer every prompt greedily through /v1/completions; an output passes when it contains the answer (case and spacing ignored)."
+    )
+    every_s: float = Field(60.0, gt=0, description="Seconds between probe rounds while a canary takes traffic.")
+    max_score_drop: float = Field(0.1, ge=0, le=1, description="Roll back when the canary's pass rate is more than this below stable's.")
+    max_tokens: int = Field(32, ge=1, description="Tokens each probe answer may have.")
+
+
 class ServeModelConfig(Section):
     path: str | None = Field(None, description="A finished run directory, a Hugging Face model directory, or a registered model: `registry:NAME@ALIAS` / `registry:NAME@VERSION` / `registry:NAME` (latest). Or give `versions`.")
     name: str | None = Field(None, description="Model id clients ask for; defaults to the directory name (required with `versions`).")
     merge_lora: bool = Field(False, description="Serve a LoRA run as merged full weights instead of an adapter.")
     versions: list[ServeVersionConfig] = Field(
         default_factory=list, description="Several versions behind `name` with traffic weights and roles (instead of `path`); every response names its version in `X-Distillery-Version`."
+    )
+    probe: ProbeConfig | None = Field(
+        None, description="A quality probe run against stable and canary while the canary takes traffic; a canary that scores worse is rolled back (needs `versions` with a canary)."
     )
 
     @model_validator(mode="after")
@@ -451,6 +467,8 @@ class ServeModelConfig(Section):
                 raise ValueError("`versions`: at most one canary or shadow beside the stable version")
             if not any(v.weight > 0 for v in self.versions if v.role != "shadow"):
                 raise ValueError("`versions`: every answering version has weight 0")
+        if self.probe is not None and not any(v.role == "canary" for v in self.versions):
+            raise ValueError("`probe` compares a canary with the stable version: give `versions` with a `role: canary`")
         return self
 
 

@@ -156,6 +156,9 @@ _LLM_INTERNALS: dict[str, tuple[str, str]] = {
     "DiskMultiplexConfig": ("ray.llm._internal.serve.core.configs.llm_config", "DiskMultiplexConfig"),
     # Unique integer ids vLLM needs per loaded adapter, shared with Ray's own loader so ids never clash.
     "global_id_manager": ("ray.llm._internal.common.models", "global_id_manager"),
+    # The request model of /v1/completions: the canary's quality probe builds its requests with it.
+    # Replacement: a public request model in ray.serve.llm.
+    "CompletionRequest": ("ray.llm._internal.serve.core.configs.openai_api_models", "CompletionRequest"),
 }
 
 

@@ -4,7 +4,6 @@ configured, rejects overload fast with Retry-After, and shuts down cleanly on Ct
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -16,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, stop_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -80,15 +79,7 @@ def test_cli_serves_without_key_rejects_overload_and_stops_on_ctrl_c(tmp_path, t
                 assert "backpressure" in r.text or r.json()["error"]["code"] == 503
         assert client.completions.create(model="student", prompt="Add 1 and 2.", max_tokens=4).choices
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
-            raise
-        reader.join(timeout=10)
+        rc = stop_cli(proc, reader, 180)
     out = "".join(lines)
     assert rc == 0, out[-3000:]
     assert "compressed-tensors" in (tmp_path / "int8" / "config.json").read_text()

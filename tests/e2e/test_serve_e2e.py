@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 API_KEY = "test-key-0123456789"
 CONFIG_FILE: dict[str, Path] = {}  # the served config as a file, for `distillery deploy`
 MAX_LEN = 256
+PROBE: dict[str, Path] = {}  # the quality probe's file, rewritten by its test
+PROBE_PROMPTS = ["Add 12 and 30.", "Subtract 7 from 19.", "Name a colour.", "Count to three."]
 PROMPT = "Add 12 and 30."
 
 
@@ -76,6 +78,9 @@ def server(tiny_teacher, tmp_path_factory):
     # A canary that fails every request: its adapter's weights are not a safetensors file.
     broken = make_lora_run(tiny_teacher, tmp / "broken-run", seed=1)
     (broken / "model" / "adapter_model.safetensors").write_bytes(b"not weights")
+    # Answers nobody gives: both versions score 0 until the test writes the real ones.
+    PROBE["path"] = tmp / "probe.jsonl"
+    PROBE["path"].write_text("".join(json.dumps({"prompt": p, "answer": "zzz-no-model-says-this"}) + "\n" for p in PROBE_PROMPTS))
     key_file = tmp / "api_key"
     key_file.write_text(API_KEY + "\n")
     port = free_port()
@@ -84,7 +89,10 @@ def server(tiny_teacher, tmp_path_factory):
                    {"name": "bot", "versions": [{"path": str(tiny_teacher), "weight": 0.5},
                                                 {"path": str(lora), "weight": 0.5, "role": "canary"}]},
                    {"name": "flaky", "versions": [{"path": str(tiny_teacher), "weight": 0.5},
-                                                  {"path": str(broken), "weight": 0.5, "role": "canary"}]}],
+                                                  {"path": str(broken), "weight": 0.5, "role": "canary"}]},
+                   {"name": "probed", "versions": [{"path": str(tiny_teacher), "weight": 0.5},
+                                                   {"path": str(lora), "weight": 0.5, "role": "canary"}],
+                    "probe": {"file": str(PROBE["path"]), "every_s": 2, "max_score_drop": 0.2, "max_tokens": 8}}],
         "port": port, "api_key_file": str(key_file), "max_model_len": MAX_LEN, "max_num_seqs": 32,
         "max_ongoing_requests": 64, "max_queued_requests": 128,
         "max_request_bytes": 65536, "max_n": 4, "max_prompts": 8, "max_prompt_tokens": 300,
@@ -123,7 +131,7 @@ def client(server):
 
 def test_models_lists_base_and_adapter(client):
     ids = {m.id for m in client.models.list().data}
-    assert ids == {"teacher", "teacher:tuned", "bot", "flaky", "teacher:bot@v2", "teacher:flaky@v2"}
+    assert ids == {"teacher", "teacher:tuned", "bot", "flaky", "probed", "teacher:bot@v2", "teacher:flaky@v2", "teacher:probed@v2"}
 
 
 def test_completion_chat_and_streaming_through_openai_client(client):
@@ -365,6 +373,21 @@ def test_a_failing_canary_is_rolled_back_automatically(server):
     assert [(r.status_code, r.headers["x-distillery-version"]) for r in after] == [(200, "v1")] * 10
     registry = Registry(os.environ["DISTILLERY_REGISTRY"])
     assert [e["kind"] for e in registry.events("flaky")] == ["rollback"]
+
+
+def test_a_canary_that_fails_the_quality_probe_is_rolled_back(server, client):
+    assert ask(server, "probed").status_code == 200  # the first request starts the probe rounds
+    time.sleep(6)  # rounds in which neither version passes: equal scores, no rollback
+    assert deploy_events("probed") == []
+    # Checkable answers: what the stable version (the teacher's engine) answers greedily.
+    answers = [client.completions.create(model="teacher", prompt=p, max_tokens=8, temperature=0).choices[0].text
+               for p in PROBE_PROMPTS]
+    assert all(a.strip() for a in answers), answers
+    PROBE["path"].write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in zip(PROBE_PROMPTS, answers)))
+    event = wait_until(lambda: deploy_events("probed"), 60, "the probe's rollback", every_s=1)[0]
+    assert event["event"] == "rollback" and event["automatic"] and event["reason"].startswith("quality probe"), event
+    assert event["probe"]["v1"] == 1.0 and event["probe"]["v2"] < 0.8, event
+    assert ask(server, "probed", "anyone").headers["x-distillery-version"] == "v1"
 
 
 def test_a_replica_killed_under_load_fails_only_its_requests_and_is_replaced(server, client):

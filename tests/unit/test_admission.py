@@ -57,13 +57,16 @@ async def _enter(gate: AdmissionControl, i: int, order: list[int]):
     await asyncio.sleep(3600)
 
 
-def _epoch(gate: AdmissionControl, latency_s: float, clock: Clock, fill: bool = True) -> None:
-    """Admit up to the limit (or one request), then finish them all with the same latency."""
+def _round(gate: AdmissionControl, latency_s: float, clock: Clock, fill: bool = True) -> None:
+    """Admit up to the limit (or one request), measure just enough samples for a decision, finish."""
     async def go():
         tickets = [await gate.acquire() for _ in range(gate.limit if fill else 1)]
         clock.now += 1.0
+        for _ in range(gate.samples_needed()):
+            gate.observe(latency_s, started_at=clock.now)
         for t in tickets:
-            gate.release(t, latency_s)
+            gate.release(t)
+        clock.now += 1.0
 
     run(go())
 
@@ -71,56 +74,66 @@ def _epoch(gate: AdmissionControl, latency_s: float, clock: Clock, fill: bool = 
 def test_aimd_decreases_multiplicatively_over_target_and_creeps_back_when_full():
     clock = Clock()
     gate = AdmissionControl(32, target_s=0.1, clock=clock)
-    _epoch(gate, 0.3, clock)
-    assert gate.limit == 22 and gate.decisions["decrease"] == 1  # floor(32 * 0.7)
-    _epoch(gate, 0.3, clock)
-    assert gate.limit == 15
+    _round(gate, 0.3, clock)
+    assert gate.limit == 16 and gate.decisions["decrease"] == 1  # 3x over: halved (the floor of the factor)
+    _round(gate, 0.125, clock)
+    assert gate.limit == 12  # 1.25x over: x 0.8
+    _round(gate, 0.101, clock)
+    assert gate.limit == 10  # a hair over: x 0.9 (the ceiling of the factor)
     for _ in range(3):
-        _epoch(gate, 0.05, clock)  # fast and full: one more request per epoch
-    assert gate.limit == 18 and gate.decisions["increase"] == 3
-    _epoch(gate, 0.095, clock)  # within the headroom band: hold
-    assert gate.limit == 18
+        _round(gate, 0.05, clock)  # fast and full: one more request per decision
+    assert gate.limit == 13 and gate.decisions["increase"] == 3
+    _round(gate, 0.095, clock)  # within the headroom band: hold
+    assert gate.limit == 13
     for _ in range(20):
-        _epoch(gate, 10.0, clock)
+        _round(gate, 10.0, clock)
     assert gate.limit == 1  # never below min_limit
 
 
-def test_aimd_does_not_grow_without_load_or_on_stale_evidence():
+def test_aimd_does_not_grow_without_load():
     clock = Clock()
     gate = AdmissionControl(16, target_s=0.1, clock=clock)
-    _epoch(gate, 0.5, clock)
-    assert gate.limit == 11
+    _round(gate, 0.5, clock)
+    assert gate.limit == 8
     for _ in range(10):
-        _epoch(gate, 0.01, clock, fill=False)  # fast but never full: no reason to admit more
-    assert gate.limit == 11
+        _round(gate, 0.01, clock, fill=False)  # fast but never full: no reason to admit more
+    assert gate.limit == 8
 
 
+def test_a_decision_judges_only_what_was_measured_after_the_last_one_took_effect():
+    clock = Clock()
+    gate = AdmissionControl(10, target_s=0.1, clock=clock)
 
-def test_a_decision_judges_only_requests_admitted_since_the_last_one():
-    gate = AdmissionControl(10, target_s=0.1, clock=Clock())
-
-    async def straddle():
-        before = [await gate.acquire() for _ in range(2)]
-        judged = [await gate.acquire() for _ in range(5)]  # an epoch at limit 10 needs 5 samples
-        for t in judged:
-            gate.release(t, 1.0)  # slow: 10 -> 7, a new epoch
-        after = [await gate.acquire() for _ in range(4)]
-        for t in before:
-            gate.release(t, 1.0)  # admitted before that decision: not judged again
+    async def scenario():
+        tickets = [await gate.acquire() for _ in range(7)]
+        clock.now = 1.0
+        for _ in range(gate.samples_needed()):
+            gate.observe(1.0, started_at=0.5)  # 10x slow: 10 -> 5
         limits = [gate.limit]
-        for t in after:
-            gate.release(t, 1.0)
+        clock.now = 2.0
+        for _ in range(50):
+            gate.observe(1.0, started_at=0.9)  # spans that began before that decision
+        limits.append(gate.limit)
+        for _ in range(50):
+            gate.observe(1.0, started_at=1.5)  # 7 still run: the batch has not shrunk to 5 yet
+        limits.append(gate.limit)
+        for t in tickets[:2]:
+            gate.release(t)
+        for _ in range(gate.samples_needed() - 1):
+            gate.observe(1.0, started_at=1.5)  # 5 run: judged again, one sample short of a decision
+        limits.append(gate.limit)
+        gate.observe(1.0, started_at=1.5)  # 5 -> 2
         return limits + [gate.limit]
 
-    assert run(straddle()) == [7, 4]
+    assert run(scenario()) == [5, 5, 5, 5, 2]
 
 
 def test_retarget_and_stats():
     clock = Clock()
     gate = AdmissionControl(8, target_s=0.2, metric="ttft", clock=clock)
-    _epoch(gate, 0.4, clock)
+    _round(gate, 0.4, clock)
     s = gate.stats()
-    assert s["admit_limit"] == 5 and s["latency_p95_ms"] == pytest.approx(400) and s["latency_ratio"] == pytest.approx(2)
+    assert s["admit_limit"] == 4 and s["latency_p95_ms"] == pytest.approx(400) and s["latency_ratio"] == pytest.approx(2)
     gate.set_target(None, max_limit=12)
     assert gate.limit == 12 and gate.stats()["latency_ratio"] == 0
     with pytest.raises(ValueError):

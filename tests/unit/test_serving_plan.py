@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from distillery.config import Config, ConfigError
-from distillery.serving.app import llm_config, plan_engines, read_api_key
+from distillery.serving.app import llm_config, plan_engines, plan_serving, read_api_key
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY
 from distillery.serving.ingress import ApiKeyGuard, key_digest
 
@@ -120,6 +120,27 @@ def test_latency_target_sets_admission_and_the_latency_autoscaling_policy(tmp_pa
         cfg_for([{"path": str(m)}], latency_metric="ttft")
     with pytest.raises(ValidationError, match="target_ongoing_requests and latency_target_ms"):
         cfg_for([{"path": str(m)}], latency_target_ms=80, autoscaling={"target_ongoing_requests": 4})
+
+
+def test_probe_needs_a_canary_and_a_readable_file(tmp_path):
+    from distillery.serving.probe import load_probe, passes
+
+    m = fake_model(tmp_path / "m")
+    two = [{"path": str(m)}, {"path": str(m), "role": "canary"}]
+    good = tmp_path / "probe.jsonl"
+    good.write_text('{"prompt": "2+2?", "answer": "4"}\n\n{"prompt": "Capital of France?", "answer": "Paris"}\n')
+    assert load_probe(good) == [("2+2?", "4"), ("Capital of France?", "Paris")]
+    assert passes("The answer is  PARIS.", "paris") and not passes("Lyon", "Paris")
+    with pytest.raises(ValidationError, match="give `versions` with a `role: canary`"):
+        cfg_for([{"name": "bot", "versions": two[:1], "probe": {"file": str(good)}}])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "2+2?", "answer": "4"}\n{"prompt": "no answer"}\n')
+    with pytest.raises(ConfigError, match=r"serve.models.0.probe.file: .*bad.jsonl line 2: needs a string `prompt`"):
+        plan_engines(cfg_for([{"name": "bot", "versions": two, "probe": {"file": str(bad)}}]))
+    with pytest.raises(ConfigError, match=r"serve.models.0.probe.file: cannot read"):
+        plan_engines(cfg_for([{"name": "bot", "versions": two, "probe": {"file": str(tmp_path / "none.jsonl")}}]))
+    engines, routes = plan_serving(cfg_for([{"name": "bot", "versions": two, "probe": {"file": str(good)}}]))
+    assert [v.role for v in routes["bot"]] == ["stable", "canary"]
 
 
 def test_api_key_from_env_or_file_never_from_config(tmp_path, monkeypatch):

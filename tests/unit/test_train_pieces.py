@@ -327,6 +327,9 @@ def test_a_run_directory_resumes_only_its_own_run(tmp_path, prepared_tiny, tiny_
     del ident["settings"]["train.router_aux_loss_coef"]
     (run / "run_identity.json").write_text(json.dumps(ident))
     assert check_resume(load_config(overrides=base), FINETUNE) == "resume"
+    # ... and one that recorded a key resume-neutral since (train.cpus_per_worker: 1.0, the old default) resumes.
+    (run / "run_identity.json").write_text(json.dumps({**ident, "settings": {**ident["settings"], "train.cpus_per_worker": 1.0}}))
+    assert check_resume(load_config(overrides=base + ["train.cpus_per_worker=2"]), FINETUNE) == "resume"
     (run / "run_identity.json").write_text(json.dumps(ident))
     with pytest.raises(ConfigError, match=r"train.router_aux_loss_coef: None -> 0.1"):
         check_resume(load_config(overrides=base + ["train.router_aux_loss_coef=0.1"]), FINETUNE)
@@ -385,3 +388,43 @@ def test_checkpoint_keeps_extra_modules_and_their_optimiser(tmp_path, tiny_stude
     assert torch.equal(opts2[1].state[proj2.weight]["exp_avg"], opts[1].state[proj.weight]["exp_avg"])
     assert scheds2[1].last_epoch == 2
     assert all(torch.equal(a, b) for a, b in zip(model2.parameters(), model.parameters()))
+
+
+def test_cpus_per_worker_auto_shares_the_machine(monkeypatch):
+    """`train.cpus_per_worker: null` (the default): a run that starts its own Ray gives its workers an
+    equal share of the machine's cores, less the sampling engines, shared among concurrent tune trials,
+    at least 1 each; a run that joins a cluster reserves 1; an explicit value is kept. Trials and the
+    workers get the resolved number."""
+    import os
+
+    from distillery.distill.method import DISTILL
+    from distillery.train.finetune import FINETUNE
+    from distillery.train.run import with_worker_cpus, worker_cpus
+    from distillery.tune.search import trial_cpus
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+
+    def cfg(*overrides):
+        return load_config(overrides=list(overrides))
+
+    assert cfg().train.cpus_per_worker is None
+    assert worker_cpus(cfg(), FINETUNE) == 8.0
+    assert worker_cpus(cfg("train.num_workers=2"), FINETUNE) == 4.0
+    assert worker_cpus(cfg("train.num_workers=3"), FINETUNE) == 2.0
+    assert worker_cpus(cfg("train.num_workers=16"), FINETUNE) == 1.0
+    on_policy = ["model.teacher=t", "distill.on_policy={}"]
+    assert worker_cpus(cfg(*on_policy), DISTILL) == 7.0  # one CPU for the student's sampling engine
+    assert worker_cpus(cfg(*on_policy, "distill.on_policy={seq_kd: true}", "train.num_workers=2"), DISTILL) == 3.0
+    assert worker_cpus(cfg("train.num_workers=2"), FINETUNE, concurrent_runs=2) == 2.0
+    tune = cfg("train.num_workers=2", "tune.max_concurrent_trials=2")
+    assert trial_cpus(tune) == 4.0  # two trials of 2 workers x 2 CPUs fill 8 cores
+    assert worker_cpus(cfg("train.cpus_per_worker=0.5"), FINETUNE) == 0.5
+    assert with_worker_cpus(cfg("train.num_workers=2"), FINETUNE).train.cpus_per_worker == 4.0
+    assert with_worker_cpus(cfg("train.cpus_per_worker=3"), FINETUNE).train.cpus_per_worker == 3.0
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert worker_cpus(cfg(), FINETUNE) == 2.0 and worker_cpus(cfg(*on_policy), DISTILL) == 1.0
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert worker_cpus(cfg(), FINETUNE) == 1.0 and worker_cpus(cfg("train.cpus_per_worker=2"), FINETUNE) == 2.0
+    with pytest.raises(ConfigError, match="train.cpus_per_worker"):
+        cfg("train.cpus_per_worker=0")

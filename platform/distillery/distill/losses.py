@@ -733,7 +733,12 @@ def hidden_state_loss(
     cosine: mean over kept positions of 1 − cos(student, teacher).
     Returns a scalar.
     """
-    s = projection(student_hidden) if projection is not None else student_hidden
+    s = student_hidden
+    if projection is not None:
+        # In the projection's dtype: under FSDP2 mixed precision the student's hidden states are bf16,
+        # the projection (outside the wrapper) keeps fp32 weights.
+        w = next(projection.parameters(), None)
+        s = projection(s if w is None else s.to(w.dtype))
     t = teacher_hidden.detach().to(s.dtype)
     if s.shape[-1] != t.shape[-1]:
         raise ValueError(

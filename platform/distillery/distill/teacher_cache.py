@@ -240,14 +240,16 @@ class HFTeacherScorer:
     """
 
     def __init__(self, teachers: list[tuple[str, float]], top_k: int, samples: int, sample_temperature: float, seed: int, dtype: str,
-                 model_dtype: str, num_threads: int):
+                 model_dtype: str, num_threads: int, use_gpu: bool = False):
         import torch
 
         from distillery.models.load import load_causal_lm
 
         torch.set_num_threads(num_threads)
         self.torch = torch
-        self.models = [load_causal_lm(path, dtype=model_dtype).eval() for path, _ in teachers]
+        # On a GPU actor (train.use_gpu: the actor holds one) the teachers run there, in model.dtype.
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.models = [load_causal_lm(path, dtype=model_dtype, use_gpu=use_gpu).to(self.device).eval() for path, _ in teachers]
         self.weights = [w for _, w in teachers]
         sizes = [int(m.get_output_embeddings().weight.shape[0]) for m in self.models]
         if len(set(sizes)) > 1:  # checked from the configs before Ray starts; the heads could still differ
@@ -277,6 +279,7 @@ class HFTeacherScorer:
         flat = torch.cat([torch.as_tensor(p, dtype=torch.long) + r * L for r, p in enumerate(positions)])
         with torch.inference_mode():
             selected = []
+            input_ids, attn, flat = input_ids.to(self.device), attn.to(self.device), flat.to(self.device)
             for model in self.models:
                 logits = model(input_ids=input_ids, attention_mask=attn, use_cache=False).logits
                 selected.append(logits.reshape(-1, logits.shape[-1]).index_select(0, flat).float())
@@ -293,6 +296,9 @@ class HFTeacherScorer:
                 tail = outside.logsumexp(-1)
             else:
                 outside, tail = None, torch.full((logp.shape[0],), float("-inf"))
+            if self.device.type != "cpu":  # what follows (numpy, seeded draws) runs on the CPU
+                vals, top, tail = vals.cpu(), top.cpu(), tail.cpu()
+                outside = outside.cpu() if outside is not None else None
         row_ids = batch.column("row_id").to_pylist() if self.samples else [None] * len(positions)
         per_row, start = [], 0
         for p, row_id in zip(positions, row_ids):
@@ -341,12 +347,13 @@ class VLLMTeacherScorer:
     log(1 − Σ top-k) in float64 (floored at 1e-30).
     """
 
-    def __init__(self, teacher: str, top_k: int, dtype: str, model_dtype: str, max_model_len: int):
+    def __init__(self, teacher: str, top_k: int, dtype: str, model_dtype: str, max_model_len: int, use_gpu: bool = False):
         from vllm import LLM, SamplingParams
 
         from distillery.models.load import resolve_model_dir
 
-        vllm_dtype = "float32" if model_dtype == "auto" else model_dtype
+        # model.dtype auto: bf16 on a GPU, fp32 on CPU (where bf16 GEMMs are slower).
+        vllm_dtype = ("bfloat16" if use_gpu else "float32") if model_dtype == "auto" else model_dtype
         self.llm = LLM(
             model=str(resolve_model_dir(teacher)), dtype=vllm_dtype, max_model_len=max_model_len,
             max_logprobs=top_k, enforce_eager=True, seed=0,
@@ -634,13 +641,14 @@ def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, samp
         if backend == "vllm":
             max_len = max(int(cfg.data.max_length), 16)
             scorer, kwargs = VLLMTeacherScorer, dict(
-                teacher=teachers[0][0], top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, max_model_len=max_len
+                teacher=teachers[0][0], top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, max_model_len=max_len,
+                use_gpu=cfg.train.use_gpu,
             )
         else:
             scorer, kwargs = HFTeacherScorer, dict(
                 teachers=teachers, top_k=top_k, samples=samples, sample_temperature=sample_temperature(cfg), seed=cfg.seed,
                 dtype=cfg.distill.cache_dtype,
-                model_dtype=cfg.model.dtype, num_threads=threads,
+                model_dtype=cfg.model.dtype, num_threads=threads, use_gpu=cfg.train.use_gpu,
             )
         out = ds.map_batches(
             scorer,
@@ -649,6 +657,8 @@ def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, samp
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.distill.cache_actors),
             num_cpus=1,
+            # train.use_gpu: each teacher actor holds a GPU (Ray hides GPUs from actors that ask for none).
+            **({"num_gpus": 1} if cfg.train.use_gpu else {}),
         )
         # Rows keep the prepared split's order (blocks reach the write tasks in order, the sink
         # names files by task), so a cached run trains on the same batches as an online one.

@@ -5,11 +5,16 @@ request's per-token latency (and the prefill delay a new request sees), grows wi
 requests admitted. `AdmissionControl` holds the p95 of that latency near `serve.latency_target_ms`
 by AIMD (additive increase, multiplicative decrease) on the admission limit:
 
-- an epoch's p95 above the target: limit x `decrease` (at least 1);
+- the p95 since the last decision above the target: limit x target / p95, kept within
+  [0.5, 0.9] (latency grows about in proportion to the batch once the engine is compute-bound, so
+  that ratio aims at the target; a small overshoot costs little throughput, a large one halves);
 - below `headroom` x target while the limit was full (more work was waiting or could have run):
   limit + 1;
-- otherwise unchanged. Each decision starts a new epoch and judges only requests admitted in it,
-  so no change is judged on evidence from before the previous one.
+- otherwise unchanged.
+Each decision judges only latency measured after the previous one took effect: spans that began
+before it, and anything measured while more requests run than the new limit (after a decrease
+the engine's batch shrinks only as requests finish), are left out. Samples arrive while requests
+stream, not only when they end (`observe`), so a decision takes a fraction of a request's time.
 
 Why AIMD and not PID: the latency-vs-concurrency curve is flat until the engine is compute-bound,
 then steep, and its shape changes with the model, the hardware, prompt and output lengths. A PID
@@ -41,10 +46,9 @@ def p95(values: list[float]) -> float:
 
 @dataclass
 class Ticket:
-    """One admitted request: when it got in, and in which epoch (decisions judge only their own)."""
+    """One admitted request: when it got in."""
 
     admitted_at: float
-    epoch: int
 
 
 class AdmissionControl:
@@ -57,21 +61,23 @@ class AdmissionControl:
     """
 
     def __init__(self, max_limit: int, target_s: float | None = None, metric: Metric = "tpot", *,
-                 min_limit: int = 1, decrease: float = 0.7, headroom: float = 0.9, window_s: float = 10.0,
+                 min_limit: int = 1, min_decrease: float = 0.5, max_decrease: float = 0.9, headroom: float = 0.9,
+                 window_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic):
         if max_limit < 1 or not 1 <= min_limit <= max_limit:
             raise ValueError(f"admission limits must satisfy 1 <= min_limit ({min_limit}) <= max_limit ({max_limit})")
         self.target_s, self.metric = target_s, metric
         self.min_limit, self.max_limit = min_limit, max_limit
-        self.decrease, self.headroom, self.window_s = decrease, headroom, window_s
+        self.min_decrease, self.max_decrease = min_decrease, max_decrease
+        self.headroom, self.window_s = headroom, window_s
         self.limit = max_limit  # open at first: the limit only matters once load saturates it
         self.active = 0
-        self.epoch = 0
         self.decisions = {"increase": 0, "decrease": 0}
         self._clock = clock
         self._waiters: deque[asyncio.Future] = deque()
-        self._epoch_samples: list[float] = []
-        self._epoch_full = False  # the limit was reached during this epoch
+        self._decided_at = float("-inf")  # when the limit last changed (or was judged)
+        self._epoch_samples: list[float] = []  # latencies measured since then
+        self._epoch_full = False  # the limit was reached since then
         self._recent: deque[tuple[float, float]] = deque()  # (time, latency s) over window_s, for reports
 
     # -- the gate ---------------------------------------------------------------------------------
@@ -94,14 +100,11 @@ class AdmissionControl:
                 raise
         if self.active >= self.limit:
             self._epoch_full = True
-        return Ticket(self._clock(), self.epoch)
+        return Ticket(self._clock())
 
-    def release(self, ticket: Ticket, latency_s: float | None = None) -> None:
-        """Free the ticket's slot; `latency_s` (in `metric`) is the request's measured latency, or
-        None when it did not finish normally (an error or a client that hung up)."""
+    def release(self, ticket: Ticket) -> None:
+        """Free the ticket's slot."""
         self.active -= 1
-        if latency_s is not None:
-            self._observe(ticket, latency_s)
         self._wake()
 
     def _wake(self) -> None:
@@ -113,22 +116,29 @@ class AdmissionControl:
 
     # -- the controller ---------------------------------------------------------------------------
 
-    def _observe(self, ticket: Ticket, latency_s: float) -> None:
+    def observe(self, latency_s: float, started_at: float) -> None:
+        """One latency measurement (in `metric`) over a span that began at `started_at`: a request's
+        time to first token from its admission, or its time per token over a stretch of its stream."""
         now = self._clock()
         self._recent.append((now, latency_s))
         while self._recent and self._recent[0][0] < now - self.window_s:
             self._recent.popleft()
-        if self.target_s is None or ticket.epoch != self.epoch:
-            return
+        if self.target_s is None or started_at < self._decided_at or self.active > self.limit:
+            return  # no target, or evidence from before the last decision took effect
         self._epoch_samples.append(latency_s)
-        # An epoch lasts until half the limit's worth of its own requests finished (at least 4):
-        # long enough for a p95 that means something, short enough to react within a few requests.
-        if len(self._epoch_samples) >= max(4, self.limit // 2):
+        if len(self._epoch_samples) >= self.samples_needed():
             self._decide(p95(self._epoch_samples))
+
+    def samples_needed(self) -> int:
+        """Samples a decision waits for: at least 20, since the p95 of fewer is close to their
+        maximum and would read every noisy sample as an overshoot; one per admitted request
+        beyond that, so each of them is heard."""
+        return max(20, self.limit)
 
     def _decide(self, observed: float) -> None:
         if observed > self.target_s:
-            new = max(self.min_limit, math.floor(self.limit * self.decrease))
+            factor = min(max(self.target_s / observed, self.min_decrease), self.max_decrease)
+            new = max(self.min_limit, math.floor(self.limit * factor))
             kind = "decrease"
         elif observed < self.headroom * self.target_s and self._epoch_full:
             new = min(self.max_limit, self.limit + 1)
@@ -138,9 +148,9 @@ class AdmissionControl:
         if kind and new != self.limit:
             self.decisions[kind] += 1
         self.limit = new
-        self.epoch += 1
+        self._decided_at = self._clock()
         self._epoch_samples = []
-        self._epoch_full = self.active >= self.limit
+        self._epoch_full = bool(self._waiters)  # requests already wait: the new limit binds
 
     def set_target(self, target_s: float | None, metric: Metric | None = None, max_limit: int | None = None) -> None:
         """Change the target (None: fixed limit), metric or ceiling while serving."""
@@ -151,7 +161,7 @@ class AdmissionControl:
                 raise ValueError(f"max_admitted ({max_limit}) is below min_limit ({self.min_limit})")
             self.max_limit = max_limit
         self.limit = self.max_limit if target_s is None else min(self.limit, self.max_limit)
-        self.epoch += 1
+        self._decided_at = self._clock()
         self._epoch_samples = []
         self._recent.clear()
         self._wake()

@@ -36,6 +36,7 @@ from distillery.registry.record import REGISTRY_PREFIX, resolve_model_ref
 from distillery.registry.store import parse_ref
 from distillery.runtime import ensure_ray
 from distillery.serving.ingress import DistilleryIngress, key_digest
+from distillery.serving.probe import load_probe
 from distillery.serving.server import ADAPTERS_KEY, MAX_LEN_KEY, MAX_PROMPT_KEY, DistilleryLLMServer
 from distillery.serving.versions import Version
 
@@ -108,6 +109,11 @@ def plan_serving(cfg: Config) -> tuple[list[EngineSpec], dict[str, list[Version]
         name = _check_name(m.name, f"{key}.name")
         if name in routes:
             raise ConfigError(f"{key}.name: model name '{name}' is used twice")
+        if m.probe is not None:
+            try:
+                load_probe(m.probe.file)
+            except ValueError as e:
+                raise ConfigError(f"{key}.probe.file: {e}") from None
         routes[name] = []
         for j, v in enumerate(m.versions):
             label = f"v{j + 1}"
@@ -259,6 +265,8 @@ def build_app(cfg: Config):
                 "max_prompts": s.max_prompts,
                 "routes": {name: [dataclasses.asdict(v) for v in versions] for name, versions in routes.items()},
                 "canary": s.canary.model_dump(),
+                "probes": {m.name: {**m.probe.model_dump(), "file": str(Path(m.probe.file).resolve())}
+                           for m in s.models if m.probe is not None},
                 "deploy_log": str(Path(cfg.deploy_log).resolve()) if routes else None,
                 "registry": cfg.registry.path if cfg.registry.record else None,
             },

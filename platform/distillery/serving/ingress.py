@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import json
 import random
 import sys
 import time
@@ -34,6 +35,7 @@ from starlette.responses import JSONResponse, Response
 from ray.serve.exceptions import BackPressureError
 
 from distillery import ray_compat as rc
+from distillery.serving.probe import load_probe, passes
 from distillery.serving.versions import DeployLog, Version, Window, choose, judge
 
 VERSION_HEADER = "X-Distillery-Version"
@@ -157,19 +159,23 @@ class DistilleryIngress(rc.OpenAiIngress):
         routes: served name -> its versions (dicts of `serving.versions.Version`'s fields).
         canary: serve.canary as a dict; deploy_log: its path; registry: the lineage registry's
             directory, where rollbacks and promotions are also recorded (None: not recorded there).
+        probes: served name -> its quality probe (serve.models[].probe as a dict, file absolute).
     """
 
     def __init__(self, llm_deployments, model_cards, *, lora_paths=None, adapters=None,
                  api_key_digest: str | None = None, overload_status: int = 503, retry_after_s: int = 1,
                  max_request_bytes: int = 1 << 20, max_n: int = 8, max_prompts: int = 32,
                  routes: dict[str, list[dict]] | None = None, canary: dict | None = None,
-                 deploy_log: str | None = None, registry: str | None = None, **kwargs):
+                 deploy_log: str | None = None, registry: str | None = None, probes: dict[str, dict] | None = None,
+                 **kwargs):
         super().__init__(llm_deployments, model_cards, lora_paths=lora_paths, **kwargs)
         self._routes = {name: [Version(**v) for v in versions] for name, versions in (routes or {}).items()}
         self._canary = canary or {}
         self._log = DeployLog(deploy_log) if deploy_log and self._routes else None
         self._shadow_log = DeployLog(deploy_log + ".shadow.jsonl") if self._log is not None else None
         self._registry = registry
+        self._probes = probes or {}
+        self._probe_tasks: dict[str, asyncio.Task] = {}  # started with a name's first request
         self._weights = {name: {v.label: v.weight for v in vs} for name, vs in self._routes.items()}
         self._windows = {(name, v.label): Window(self._canary.get("window_s", 60.0)) for name, vs in self._routes.items() for v in vs}
         self._since = dict.fromkeys(self._routes, time.monotonic())  # when each name's traffic last changed
@@ -302,6 +308,8 @@ class DistilleryIngress(rc.OpenAiIngress):
         self._sync_traffic()
         header = self._canary.get("sticky_header", "x-session-id")
         key = (raw_request.headers.get(header) if raw_request is not None else None) or getattr(body, "user", None)
+        if name in self._probes and name not in self._probe_tasks:
+            self._probe_tasks[name] = asyncio.get_running_loop().create_task(self._probe_loop(name))
         version = choose(self._routes[name], self._weights[name], key, self._rng)
         shadow = next((v for v in self._routes[name] if v.role == "shadow"), None)
         if shadow is not None and self._rng.random() < self._weights[name].get(shadow.label, 0.0):
@@ -309,6 +317,42 @@ class DistilleryIngress(rc.OpenAiIngress):
             asyncio.get_running_loop().create_task(self._shadow(name, shadow, copy))
         body.model = version.model_id
         return name, version
+
+    async def _probe_loop(self, name: str) -> None:
+        """Every `every_s`, while `name`'s canary takes traffic: both versions answer the probe
+        prompts; a canary whose pass rate is more than `max_score_drop` below stable's is rolled back."""
+        probe = self._probes[name]
+        while True:
+            await asyncio.sleep(probe["every_s"])
+            self._sync_traffic()
+            versions, weights = self._routes[name], self._weights[name]
+            canary = next((v for v in versions if v.role == "canary"), None)
+            stable = next(v for v in versions if v.role == "stable")
+            if canary is None or weights.get(canary.label, 0) <= 0 or weights.get(stable.label, 0) <= 0:
+                continue
+            try:
+                rows = load_probe(probe["file"])
+                scores = {v.label: await self._probe_score(v, rows, probe["max_tokens"]) for v in (stable, canary)}
+            except Exception as e:  # noqa: BLE001 - a broken probe file or round never takes the server down
+                print(f"serve: warning: quality probe of '{name}' skipped: {e}", file=sys.stderr, flush=True)
+                continue
+            print(f"serve: quality probe of '{name}': {scores} on {len(rows)} prompts", file=sys.stderr, flush=True)
+            drop = scores[stable.label] - scores[canary.label]
+            if drop > probe["max_score_drop"] and self._weights[name].get(canary.label, 0) > 0:
+                self._change_traffic("rollback", name, {stable.label: 1.0, canary.label: 0.0}, automatic=True, probe=scores,
+                                     reason=f"quality probe: canary passed {scores[canary.label]:.0%} of {len(rows)} prompts, "
+                                            f"stable {scores[stable.label]:.0%} (more than {probe['max_score_drop']:.0%} below)")
+
+    async def _probe_score(self, version: Version, rows: list[tuple[str, str]], max_tokens: int) -> float:
+        """The share of probe rows `version` answers (greedy, through the engine like any request)."""
+        passed = 0
+        for prompt, answer in rows:
+            body = rc.CompletionRequest(model=version.model_id, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            response = await self._answer(body, "completions", None)
+            if response.status_code == 200:
+                text = json.loads(bytes(response.body))["choices"][0]["text"]
+                passed += passes(text, answer)
+        return passed / len(rows)
 
     async def _shadow(self, name: str, shadow: Version, body) -> None:
         """Run a copy of a request on the shadow version; its answer goes to `<deploy log>.shadow.jsonl`."""

@@ -128,29 +128,23 @@ class DistilleryLLMServer(rc.LLMServer):
         """`stream`, counting the ones that end before their last item: a client that hung up makes
         Serve cancel this generator, and closing the engine's generator here aborts the request in
         vLLM at once, freeing its batch slot and KV cache. With admission on, the request's
-        latency (time to first token, or per output token) goes to the controller."""
+        latency goes to the controller as it streams (`_Meter`)."""
         finished = False
-        first = last = None
-        events = 0  # streamed chunks: one per output token of each sequence (and a role chunk)
-        usage_tokens = None  # a non-streamed response's completion tokens
+        meter = _Meter(self._admission, ticket, n) if ticket is not None else None
         try:
             async for item in stream:
-                last = time.monotonic()
-                first = first or last
-                if isinstance(item, list):
-                    events += sum(1 for chunk in item if isinstance(chunk, str) and chunk.startswith("data: ")
-                                  and "[DONE]" not in chunk)
-                elif getattr(item, "usage", None) is not None:
-                    usage_tokens = item.usage.completion_tokens
+                if meter is not None:
+                    meter.saw(item)
                 yield item
             finished = True
+            if meter is not None:
+                meter.end()
         finally:
             if not finished:
                 self._dropped_streams += 1
                 await stream.aclose()
             if ticket is not None:
-                latency = _latency(self._admission.metric, ticket.admitted_at, first, last, events, usage_tokens, n) if finished else None
-                self._admission.release(ticket, latency)
+                self._admission.release(ticket)
 
     async def engine_load(self) -> dict[str, Any]:
         """{replica, running: requests the engine holds (running or waiting), dropped_streams:
@@ -166,18 +160,49 @@ class DistilleryLLMServer(rc.LLMServer):
         return self._admission.stats() if self._admission else {}
 
 
-def _latency(metric: str, admitted: float, first: float | None, last: float | None, events: int,
-             usage_tokens: int | None, n: int) -> float | None:
-    """One request's latency in seconds: `ttft` from admission to its first item, or `tpot`, the
-    mean time per output token after the first (a non-streamed response: over all its tokens)."""
-    if first is None:
-        return None
-    if metric == "ttft":
-        return first - admitted
-    if usage_tokens:  # not streamed: the whole response arrived at once
-        return (last - admitted) / max(usage_tokens / n, 1)
-    per_sequence = events / n
-    return (last - first) / (per_sequence - 1) if per_sequence > 2 else None
+class _Meter:
+    """Measures one admitted request for the admission controller while it streams.
+
+    `ttft`: admission to the first streamed chunk (a non-streamed response: to the whole answer).
+    `tpot`: time per output token of each sequence, over stretches of at least `SPAN_S` (Ray
+    batches stream chunks every 50 ms; a longer stretch keeps that rounding small), from the first
+    chunk on; a request shorter than one stretch reports its whole stream at its end.
+    """
+
+    SPAN_S = 0.5
+
+    def __init__(self, admission: AdmissionControl, ticket: Ticket, n: int):
+        self.admission, self.ticket, self.n = admission, ticket, n
+        self.span_start: float | None = None  # the current stretch began at this chunk
+        self.span_tokens = 0.0  # tokens per sequence since then
+        self.reported = False
+
+    def saw(self, item) -> None:
+        now = time.monotonic()
+        a = self.admission
+        if not isinstance(item, list):  # a whole (non-streamed) response
+            usage = getattr(item, "usage", None)
+            if usage is not None:
+                latency = now - self.ticket.admitted_at
+                tokens = max(usage.completion_tokens / self.n, 1)
+                a.observe(latency if a.metric == "ttft" else latency / tokens, self.ticket.admitted_at)
+                self.reported = True
+            return
+        if self.span_start is None:
+            self.span_start = now
+            if a.metric == "ttft":
+                a.observe(now - self.ticket.admitted_at, self.ticket.admitted_at)
+                self.reported = True
+            return
+        self.span_tokens += sum(1 for chunk in item if isinstance(chunk, str) and chunk.startswith("data: ")
+                                and "[DONE]" not in chunk) / self.n
+        if a.metric == "tpot" and now - self.span_start >= self.SPAN_S and self.span_tokens >= 1:
+            a.observe((now - self.span_start) / self.span_tokens, self.span_start)
+            self.span_start, self.span_tokens, self.reported = now, 0.0, True
+
+    def end(self) -> None:
+        if not self.reported and self.admission.metric == "tpot" and self.span_start is not None and self.span_tokens >= 1:
+            self.admission.observe((time.monotonic() - self.span_start) / self.span_tokens, self.span_start)
 
 
 async def _once(item):

@@ -36,17 +36,22 @@ RESUME_NEUTRAL = (
     "distill.cache", "distill.cache_backend", "distill.cache_batch_size", "distill.cache_actors",
     "train.max_failures", "train.trace_rows", "train.keep_checkpoints", "train.checkpoint_every", "train.eval_every",
     "train.early_stopping_patience", "train.max_nonfinite_steps", "train.resume", "train.worker_resources",
+    "train.cpus_per_worker",  # where and on how many threads, not what: auto resolves per machine
 )
 
 # What a fresh start removes from a run directory (everything a training run writes there).
 RUN_OUTPUTS = ("ray", "metrics.jsonl", "model", "merged", "merges", "run.json", "trace", "ewc.safetensors", "esft_experts.json", "curriculum.json", IDENTITY_FILE)
 
 
+def _neutral(dotted: str) -> bool:
+    return any(dotted == n or dotted.startswith(n + ".") for n in RESUME_NEUTRAL)
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if any(dotted == n or dotted.startswith(n + ".") for n in RESUME_NEUTRAL):
+        if _neutral(dotted):
             continue
         if isinstance(value, dict) and value:
             out.update(_flatten(value, dotted + "."))
@@ -86,6 +91,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     defaults = _flatten(Config().model_dump(mode="json", by_alias=True))
     for key in sorted(set(before) | set(after)):
         if key not in before and key in defaults and after[key] == defaults[key]:
+            continue
+        if _neutral(key):  # recorded by an older version, before the key became resume-neutral
             continue
         if before.get(key) != after.get(key):
             changes.append(f"{key}: {before.get(key)!r} -> {after.get(key)!r}")

@@ -3,7 +3,8 @@
 Each worker: loads the model, applies the parameter plan (full / LoRA / freeze / ESFT), wraps it (FSDP2
 `fully_shard` per decoder layer then the root, DDP, or nothing; train/parallel.py), streams its
 shard of the method's datasets (train/batches.py), and steps AdamW with warmup + decay, gradient
-accumulation and clipping. Every `eval_every` steps it evaluates on its val shard (sums
+accumulation and clipping, in the numerics of `train.precision` (fp32 weights, bf16/fp16 compute in
+the mixed modes; parallel.Precision). Every `eval_every` steps it evaluates on its val shard (sums
 all-reduced across workers) and reports to Ray; every `checkpoint_every` steps it saves a
 checkpoint (train/checkpoint.py), so a replaced worker group or a re-run continues where it
 stopped. At the end rank 0 exports the model in Hugging Face format. What the loss is comes from
@@ -34,7 +35,7 @@ from distillery.train.collate import collate
 from distillery.train.esft import choose_experts, record_choice
 from distillery.train.method import TrainingMethod
 from distillery.train.objective import finish_eval
-from distillery.train.parallel import all_reduce_sums, clip_grads, sync_extra_grads, wrap_model
+from distillery.train.parallel import Precision, all_reduce_sums, clip_grads, sync_extra_grads, weights_dtype, wrap_model
 
 
 class EvaluationGate(Protocol):
@@ -77,11 +78,13 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: Config) -> torch.optim.Ad
     return torch.optim.AdamW(groups, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused or None)
 
 
-def evaluate(model, objective, batches: ValidationBatches, cfg: Config, pad_id: int, device: torch.device) -> dict[str, float]:
-    """One pass over the validation batches: the objective's sums, all-reduced, as val_* metrics."""
+def evaluate(model, objective, batches: ValidationBatches, cfg: Config, pad_id: int, device: torch.device,
+             precision: Precision | None = None) -> dict[str, float]:
+    """One pass over the validation batches: the objective's sums, all-reduced, as val_* metrics;
+    in the training's compute dtype (`precision`)."""
     model.eval()
     sums: dict[str, float] = {}
-    with torch.no_grad():
+    with torch.no_grad(), (precision.autocast() if precision else contextlib.nullcontext()):
         for batch in batches:
             b = to_device(collate(batch, pad_id, cfg.data.max_length), device)
             for k, v in objective.evaluate(model, b).items():
@@ -110,6 +113,10 @@ class Worker:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device() if self.cfg.train.use_gpu else torch.device("cpu")
+        if self.cfg.train.cpus_per_worker:
+            # torch's intra-op threads = this worker's CPU share (train/run.py resolves `auto`), whatever
+            # OMP_NUM_THREADS the process started with.
+            torch.set_num_threads(max(1, int(self.cfg.train.cpus_per_worker)))
         self._setup_model()
         self._setup_optimizer()
         self._restore()
@@ -132,8 +139,8 @@ class Worker:
         torch.manual_seed(cfg.seed)
         model_dir = resolve_model_dir(cfg.model.path).resolve()
         self.tokenizer = load_tokenizer(model_dir)
-        dtype = cfg.model.dtype if cfg.train.precision == "auto" else "float32"
-        model = load_causal_lm(model_dir, dtype=dtype, use_gpu=cfg.train.use_gpu,
+        # fp32 master weights in every mode but bf16-pure; the mixed modes cast for compute only.
+        model = load_causal_lm(model_dir, dtype=weights_dtype(cfg), use_gpu=cfg.train.use_gpu,
                                attn_implementation=self.method.attn_implementation(cfg))
         experts, pending = None, None
         if cfg.method.kind == "esft":
@@ -153,6 +160,7 @@ class Worker:
             record_choice(cfg, pending, self.plan.fraction)
         self.objective = self.method.build_objective(cfg, self.tokenizer, model, self.device)
         model.to(self.device)
+        self.precision = Precision(cfg, self.device)
         self.model = wrap_model(model, cfg, self.device, self.world)
         self.objective.after_wrap(self.model)
         self.model.train()
@@ -191,8 +199,8 @@ class Worker:
                      f"micro-batch {self.state.micro_in_epoch})")
         self.log = MetricsLog(self.cfg, self.rank, self.state.step)
         if self.state.step == 0:
-            self.say(f"{self.plan.describe()}; {self.world} worker(s), strategy {self.cfg.train.strategy}, "
-                     f"{self.total_steps} steps")
+            self.say(f"{self.plan.describe()}; {self.world} worker(s) of {torch.get_num_threads()} thread(s), strategy "
+                     f"{self.cfg.train.strategy}, precision {self.precision.mode}, {self.total_steps} steps")
 
     def _trace_identity(self) -> None:
         import ray
@@ -237,12 +245,15 @@ class Worker:
             if cfg.train.strategy == "fsdp":
                 model.set_requires_gradient_sync(sync)
             with model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext():
-                loss, m = self.objective(model, batch)
-                (loss / accum).backward()
+                with self.precision.autocast():
+                    loss, m = self.objective(model, batch)
+                self.precision.backward(loss / accum)
             loss_sum += loss.item()
             tokens += float(batch["attention_mask"].sum().item())
             for k, v in m.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
+        # fp16: true gradient values before anything reads or adds to them (EWC, clipping).
+        self.precision.unscale(self.optimizers)
         step_metrics.update(self.objective.after_backward(model))
         if self.slices:
             self.slices.mask_grads()
@@ -251,24 +262,28 @@ class Worker:
         clip_grads(self.extra, cfg.train.max_grad_norm)
         loss = loss_sum / accum
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        # fp16: gradients that overflowed the loss scale with a finite loss are the scaler's to handle
+        # (skip the step, lower the scale), not a divergence.
+        overflow = self.precision.scaler is not None and math.isfinite(loss) and not finite
         # One all-reduce per step carries the metrics and whether any worker saw a non-finite value,
         # so every worker skips (or takes) the same steps.
-        sums = all_reduce_sums({"loss": loss, "tokens": tokens, "nonfinite": float(not finite), **step_metrics}, self.device)
-        skipped = sums.pop("nonfinite") > 0
-        if skipped:
+        sums = all_reduce_sums({"loss": loss, "tokens": tokens, "nonfinite": float(not finite and not overflow),
+                                "overflow": float(overflow), **step_metrics}, self.device)
+        skipped, overflowed = sums.pop("nonfinite") > 0, sums.pop("overflow") > 0
+        if skipped or overflowed:
             self._zero_grad()  # no update from this step: the weights stay finite
-            state.nonfinite_in_row += 1
+            state.nonfinite_in_row += int(skipped)
         else:
             if self.slices:
                 self.slices.decay(self.scheduler.get_last_lr()[0])
-            for opt in self.optimizers:
-                opt.step()
+            self.precision.step(self.optimizers)
             self._zero_grad()
             state.nonfinite_in_row = 0
+        self.precision.update()
         for sched in self.schedulers:
             sched.step()
         state.step += 1
-        record = self._record(sums, grad_norm, skipped)
+        record = self._record(sums, grad_norm, skipped or overflowed)
         if skipped:
             self._check_nonfinite(sums["loss"] / self.world, grad_norm)
         return record
@@ -298,6 +313,7 @@ class Worker:
             "tokens_per_s": self.tokens_since / max(now - self.t_last, 1e-9),
             **{k: v / self.world for k, v in sums.items() if k not in ("loss", "tokens")},
             **({"skipped": 1} if skipped else {}),
+            **({"grad_scale": self.precision.scale()} if self.precision.scaler else {}),
         }
         self.t_last, self.tokens_since = now, 0.0
         self.log.write(record)
@@ -312,7 +328,7 @@ class Worker:
     def run_eval(self) -> None:
         """Evaluate, log, and track the best val loss (early stopping's patience counts from it)."""
         state = self.state
-        val = evaluate(self.model, self.objective, self.val_batches, self.cfg, self.tokenizer.pad_token_id, self.device)
+        val = evaluate(self.model, self.objective, self.val_batches, self.cfg, self.tokenizer.pad_token_id, self.device, self.precision)
         state.last_val, state.evaluations = val, state.evaluations + 1
         self.log.write({"step": state.step, **val})
         self.say(f"step {state.step} " + " ".join(f"{k} {v:.4f}" for k, v in val.items()))

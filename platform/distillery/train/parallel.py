@@ -1,11 +1,14 @@
 """How the model is laid out over the workers, and the collectives the loop needs.
 
-FSDP2 (`fully_shard` per decoder layer, then the root), DDP, or one unwrapped model; sums
-all-reduced across workers; gradients of modules outside the wrapper averaged by hand; the global
-gradient norm clipped over sharded (DTensor) gradients too.
+FSDP2 (`fully_shard` per decoder layer, then the root), DDP, or one unwrapped model; the
+numerics of `train.precision` (`Precision`); sums all-reduced across workers; gradients of modules
+outside the wrapper averaged by hand; the global gradient norm clipped over sharded (DTensor)
+gradients too.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -13,16 +16,98 @@ import torch.distributed as dist
 from distillery.config import Config
 from distillery.models.structure import decoder_layers
 
+# Compute dtype of the mixed modes; their weights (the optimiser's master copy) stay float32.
+MIXED = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def precision_mode(cfg: Config) -> str:
+    """`train.precision` with `auto` resolved: bf16 mixed precision on GPU, fp32 on CPU (where a
+    bf16 GEMM runs slower than an fp32 one; docs/architecture.md)."""
+    if cfg.train.precision == "auto":
+        return "bf16" if cfg.train.use_gpu else "fp32"
+    return cfg.train.precision
+
+
+def weights_dtype(cfg: Config) -> str:
+    """The dtype the trained model is loaded and kept in, i.e. the parameters the optimiser updates:
+    float32 in every mode but `bf16-pure`. Mixed modes compute in bf16/fp16 from these fp32 weights,
+    so an update smaller than a bf16 step is kept instead of rounded away. `model.dtype` does not
+    apply here: it is the dtype of the frozen and inference copies (teacher cache, engines)."""
+    return "bfloat16" if precision_mode(cfg) == "bf16-pure" else "float32"
+
+
+def mixed_precision_policy(cfg: Config):
+    """FSDP2's policy for the mixed modes: parameters all-gathered and computed in bf16 (fp16),
+    gradients reduce-scattered in fp32 into the fp32 shards. It works on CPU with gloo too (checked
+    with torch 2.13: bf16 and fp16 all-gathers, fp32 reduce-scatter). None in fp32 and bf16-pure."""
+    compute = MIXED.get(precision_mode(cfg))
+    if compute is None:
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32)
+
+
+class Precision:
+    """How one worker computes under `train.precision`, as the loop uses it.
+
+    fsdp: the mixed dtypes come from the FSDP2 policy (`wrap_model`); ddp and none run the forward
+    under `torch.autocast` (DDP then all-reduces the fp32 gradients of the fp32 weights). fp16 scales
+    the loss (`GradScaler`; FSDP's sharded one, which agrees on overflow across ranks) and unscales
+    before clipping; a step whose scaled gradients overflowed is skipped and the scale lowered.
+    """
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.mode = precision_mode(cfg)
+        self.compute_dtype = MIXED.get(self.mode)
+        self.device_type = device.type
+        self.use_autocast = self.compute_dtype is not None and cfg.train.strategy != "fsdp"
+        self.scaler = None
+        if self.mode == "fp16":
+            if cfg.train.strategy == "fsdp":
+                from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+                self.scaler = ShardedGradScaler(device=device.type)
+            else:
+                self.scaler = torch.amp.GradScaler(device.type)
+
+    def autocast(self):
+        """The context a forward (training or evaluation) runs in."""
+        if not self.use_autocast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute_dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        """Bring scaled gradients back to their true values (before clipping or adding to them)."""
+        if self.scaler:
+            for opt in optimizers:
+                self.scaler.unscale_(opt)
+
+    def step(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        for opt in optimizers:
+            self.scaler.step(opt) if self.scaler else opt.step()
+
+    def update(self) -> None:
+        """Once per optimiser step, taken or skipped: the scaler lowers its scale after an overflow
+        and raises it after a run of clean steps."""
+        if self.scaler:
+            self.scaler.update()
+
+    def scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler else None
+
 
 def wrap_model(model, cfg: Config, device: torch.device, world: int):
-    """FSDP2 (per decoder layer, then root), DDP, or the bare model."""
+    """FSDP2 (per decoder layer, then root; the mixed-precision policy of `train.precision`), DDP,
+    or the bare model."""
     strategy = cfg.train.strategy
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        mp = None
-        if device.type == "cuda" and cfg.train.precision != "fp32":
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = mixed_precision_policy(cfg)
         for layer in decoder_layers(model):
             fully_shard(layer, mp_policy=mp) if mp else fully_shard(layer)
         fully_shard(model, mp_policy=mp) if mp else fully_shard(model)

@@ -37,8 +37,9 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
     the model, then the method's own checks (teacher, cache, EWC data, ...)."""
     if cfg.train.strategy == "none" and cfg.train.num_workers > 1:
         raise ConfigError("train.strategy: 'none' trains one unwrapped model; use fsdp or ddp with train.num_workers > 1")
-    if cfg.train.use_gpu is False and cfg.train.precision == "bf16":
-        raise ConfigError("train.precision: bf16 mixed precision needs train.use_gpu (CPU training runs in fp32)")
+    if not cfg.train.use_gpu and cfg.train.precision == "fp16":
+        raise ConfigError("train.precision: fp16 (loss-scaled mixed precision) is for GPUs without bf16 and needs "
+                          "train.use_gpu; on CPU use fp32 (the default there) or bf16")
     load_manifest(cfg.prepared_dir)
     # Here rather than only in the workers: a trial or run whose plan cannot work (too many frozen
     # layers, ESFT on a dense model, a bad experts file) fails before any Ray Train worker starts.
@@ -65,6 +66,30 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
                 raise ConfigError(f"train.curriculum.by: teacher_loss needs the teacher's vocabulary; {path} has "
                                   f"{vocab} tokens, the student {student.vocab_size}")
     method.validate(cfg)
+
+
+def worker_cpus(cfg: Config, method: TrainingMethod, concurrent_runs: int = 1) -> float:
+    """Logical CPUs each training worker reserves (and runs torch threads on): `train.cpus_per_worker`,
+    or when it is null (auto) an equal share of this machine's cores among the workers of
+    `concurrent_runs` runs (concurrent tune trials), less each run's sampling engines, at least 1.
+    Auto counts this machine's cores only when the run starts its own Ray: one that joins a cluster
+    (`RAY_ADDRESS`, or Ray already connected) cannot know its nodes' sizes and reserves 1."""
+    if cfg.train.cpus_per_worker is not None:
+        return cfg.train.cpus_per_worker
+    import ray
+
+    if os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return 1.0
+    per_run = (os.cpu_count() or 1) / concurrent_runs - method.engine_cpus(cfg)
+    return float(max(1, int(per_run // cfg.train.num_workers)))
+
+
+def with_worker_cpus(cfg: Config, method: TrainingMethod, concurrent_runs: int = 1) -> Config:
+    """`cfg` with `train.cpus_per_worker` resolved (`worker_cpus`), as the workers and config.yaml get it."""
+    if cfg.train.cpus_per_worker is not None:
+        return cfg
+    cpus = worker_cpus(cfg, method, concurrent_runs)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"cpus_per_worker": cpus})})
 
 
 def total_steps(cfg: Config, train_rows: int) -> int:
@@ -98,7 +123,7 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
     train_rows = int(manifest.get("splits", {}).get("train", {}).get("rows", 0)) or _count_rows(cfg)
     steps = total_steps(cfg, train_rows)
     out = Path(cfg.output_dir).resolve()
-    cfg = cfg.model_copy(update={"output_dir": str(out)})
+    cfg = with_worker_cpus(cfg, method).model_copy(update={"output_dir": str(out)})
     write_resolved(cfg, out)
     # preserve_order: each worker sees the same rows in the same order on every attempt, so a
     # resumed run can skip exactly the micro-batches it already trained on.
@@ -169,11 +194,12 @@ def with_run_dir(cfg: Config, method: TrainingMethod) -> Config:
 
 def run_training(cfg: Config, method: TrainingMethod) -> int:
     """Run `method` to completion (or resume it) and write `run.json`; returns an exit code."""
-    cfg = with_run_dir(cfg, method)
+    # cpus_per_worker is resolved before Ray starts: auto counts this machine's cores only then.
+    cfg = with_worker_cpus(with_run_dir(cfg, method), method)
     validate_training(cfg, method)
     if check_resume(cfg, method) == "fresh":
         print(f"{method.name}: train.resume=fresh: removed the previous run's checkpoints, metrics and model in {cfg.output_dir}", flush=True)
-    # Logical CPUs: one per worker and per sampling engine, plus room for the Ray Data tasks that
+    # Logical CPUs: the workers' and the sampling engines', plus room for the Ray Data tasks that
     # feed them (docs/architecture.md, "Ray on small machines").
     started = ensure_ray(num_cpus=cfg.train.num_workers * cfg.train.cpus_per_worker + method.engine_cpus(cfg) + 2)
     t0 = time.time()

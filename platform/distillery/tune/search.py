@@ -36,7 +36,7 @@ from distillery.runtime import ensure_ray
 from distillery.train.finetune import FINETUNE
 from distillery.train.identity import check_resume
 from distillery.train.method import TrainingMethod
-from distillery.train.run import build_trainer, remove_unregistered_checkpoints, validate_training
+from distillery.train.run import build_trainer, remove_unregistered_checkpoints, validate_training, with_worker_cpus, worker_cpus
 from distillery.tune.leaderboard import leaderboard_rows, tune_dir, write_csv, write_plots
 from distillery.tune.janitor import placement_group_janitor, remove_orphaned_placement_groups
 from distillery.tune.rung_gate import RungGate, decision_callback, rung_evaluations
@@ -54,7 +54,8 @@ def trial_method(cfg: Config) -> TrainingMethod:
 
 def trial_cpus(cfg: Config) -> float:
     """Logical CPUs one trial holds: its training workers and its method's sampling engines."""
-    return cfg.train.num_workers * cfg.train.cpus_per_worker + trial_method(cfg).engine_cpus(cfg)
+    method = trial_method(cfg)
+    return cfg.train.num_workers * worker_cpus(cfg, method, cfg.tune.max_concurrent_trials) + method.engine_cpus(cfg)
 
 
 def reports_per_trial(cfg: Config) -> int:
@@ -168,6 +169,8 @@ def build_tuner(cfg: Config):
 
 def run_tune(cfg: Config) -> int:
     """Run (or resume) the search and write the leaderboard, best config, best run and plots."""
+    # Before Ray starts (auto counts this machine's cores only then); every trial gets the number.
+    cfg = with_worker_cpus(cfg, trial_method(cfg), cfg.tune.max_concurrent_trials)
     checked = validate_search_space(cfg, cfg.tune.search_space)  # fail before Ray starts
     reports_per_trial(cfg)
     out = tune_dir(cfg)
