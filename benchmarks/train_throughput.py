@@ -7,6 +7,13 @@ AdamW, which distillery and TRL use; a plain loop with PyTorch's default AdamW i
 number of steps. Throughput is non-padding tokens per second over the steady-state steps (the
 first `--warmup` steps are left out of every measurement); Ray's start-up is reported apart.
 Prints a table and writes benchmarks/results/train_throughput.json.
+
+Then the share of the hardware limit (`--gemm-steps`, 0 skips it): `distillery finetune` of a ~30M
+student (8 layers, hidden 512) for that many steps, its model FLOPs per second (6 x N x tokens/s,
+N the parameters that multiply: all but the input embedding; attention's score products, a few
+percent at these lengths, are left out as in the usual MFU) against the rate of a large fp32
+matmul measured on the same threads just before (CPU: target >= 60%). On a GPU the same against
+a bf16 matmul, and against the device's nominal dense bf16 peak where it is known (MFU, target >= 40%).
 """
 
 from __future__ import annotations
@@ -133,6 +140,72 @@ def trl_run(model_dir: Path, data: list[dict], out: Path, steps: int, bs: int, l
     return steady(times, [int(mean_tokens * bs)] * len(times), warmup)
 
 
+GEMM_SPEC = dict(arch="llama", layers=8, hidden=512, heads=8, kv_heads=4, intermediate=1536)
+NOMINAL_BF16_PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core FLOP/s
+
+
+def matmul_rate(device: str, dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of repeated (n x n) @ (n x n) products: what this device sustains on large GEMMs."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    sync()
+    return 2 * n**3 * count / (time.perf_counter() - t0)
+
+
+def gemm_share(work: Path, steps: int, bs: int, lr: float, warmup: int) -> dict:
+    """`distillery finetune` of the ~30M student: model FLOP/s against the measured matmul rate."""
+    import ray
+    import torch
+
+    from prepared_fixture import write_prepared
+
+    from distillery.config import load_config
+    from distillery.demo.corpus import write_corpus
+    from distillery.models.init_model import ArchSpec, init_model
+    from distillery.models.load import load_causal_lm
+    from distillery.train.finetune import run_finetune
+
+    gpu = torch.cuda.is_available()
+    corpus = write_corpus(work / "gemm-corpus", n_train=1200, n_test=10, seed=0)
+    model_dir = work / "gemm-model"
+    init_model(model_dir, ArchSpec(**GEMM_SPEC), corpus=[str(corpus["train"])], vocab_size=2048, seed=0)
+    prepared = write_prepared(corpus["train"], model_dir, work / "gemm-prepared")
+    model = load_causal_lm(model_dir, dtype="float32")
+    n_params = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    del model
+    threads = torch.get_num_threads()
+    peak = matmul_rate("cuda" if gpu else "cpu", torch.bfloat16 if gpu else torch.float32)
+    cfg = load_config(None, [
+        f"model.path={model_dir}", f"data.prepared={prepared}", f"output_dir={work / 'gemm-run'}", f"train.max_steps={steps}",
+        f"train.batch_size={bs}", f"train.lr={lr}", "train.num_workers=1", "train.strategy=none", "train.scheduler=constant",
+        f"train.use_gpu={str(gpu).lower()}", *([] if gpu else [f"train.cpus_per_worker={threads}"]),
+    ])
+    if run_finetune(cfg) != 0:
+        raise RuntimeError("distillery finetune of the GEMM-share model failed")
+    ray.shutdown()
+    recs = [json.loads(line) for line in (work / "gemm-run" / "metrics.jsonl").read_text().splitlines()]
+    steps_recs = [r for r in recs if "loss" in r]
+    tps = steady([r["time"] for r in steps_recs], [r["tokens"] for r in steps_recs], warmup)
+    achieved = 6 * n_params * tps
+    out = {"spec": GEMM_SPEC, "params_counted": n_params, "threads": threads, "tokens_per_s": tps,
+           "model_flops_per_s": achieved, "matmul_flops_per_s": peak, "share_of_matmul": achieved / peak}
+    if gpu:
+        name = torch.cuda.get_device_name()
+        nominal = next((v for k, v in NOMINAL_BF16_PEAK.items() if k in name), None)
+        out.update(device=name, mfu=achieved / nominal if nominal else None)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -141,11 +214,25 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the three runs; the table shows medians, ratios are medians of per-round ratios")
+    ap.add_argument("--gemm-steps", type=int, default=30, help="steps of the ~30M student for the share of the matmul limit (0: skip)")
+    ap.add_argument("--gemm-only", action="store_true", help="only the share of the matmul limit")
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(2)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="distillery-bench-"))
+    gemm = None
+    if args.gemm_steps or args.gemm_only:
+        gemm = gemm_share(work, max(args.gemm_steps, args.warmup + 5), args.batch_size, args.lr, args.warmup)
+        line = (f"~30M student ({gemm['params_counted'] / 1e6:.1f}M multiplying parameters, {gemm['threads']} threads): "
+                f"{gemm['tokens_per_s']:.0f} tokens/s = {gemm['model_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+                f"{gemm['share_of_matmul']:.0%} of the measured matmul rate ({gemm['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s)")
+        if gemm.get("mfu") is not None:
+            line += f"; MFU {gemm['mfu']:.0%} of {gemm['device']}'s nominal bf16 peak (target >= 40%)"
+        print(line + ("" if "mfu" in gemm else " (target >= 60% on CPU)"), flush=True)
+        if args.gemm_only:
+            write_result("train_gemm_share", gemm)
+            return 0
     model_dir, prepared = build(work)
     data = rows(prepared)
     print(f"model {SPEC}, {len(data)} rows, {args.steps} steps of batch {args.batch_size}", flush=True)
@@ -180,7 +267,8 @@ def main() -> int:
     write_result("train_throughput", {"spec": SPEC, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size, "repeats": args.repeats,
                                       "results": results, "ratio_vs_plain": ours_plain, "ratio_vs_trl": ours_trl,
                                       "ratio_of_medians_vs_plain": results[ours_name]["tokens_per_s"] / results[plain_name]["tokens_per_s"],
-                                      "ratio_of_medians_vs_trl": results[ours_name]["tokens_per_s"] / results[trl_name]["tokens_per_s"]})
+                                      "ratio_of_medians_vs_trl": results[ours_name]["tokens_per_s"] / results[trl_name]["tokens_per_s"],
+                                      "gemm_share": gemm})
     return 0
 
 
