@@ -80,6 +80,9 @@ class BackTranslateConfig(Section):
     engine: Literal["auto", "hf", "vllm"] = Field(
         "auto", description="Generation engine: vLLM (continuous batching), Hugging Face `generate`, or `auto` (vLLM when importable and a GPU is visible, else HF)."
     )
+    num_gpus: float = Field(
+        0, ge=0, le=1, description="GPU share the back-translation actor holds (Ray hides GPUs from an actor that asks for none): 1 on a GPU node, where `auto` then picks vLLM; 0 runs on CPU."
+    )
 
 
 class AugmentConfig(Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from distillery.config import (
     Config,
@@ -207,3 +208,13 @@ def test_edge_values_of_the_ranges_load():
                                  "data.window={size: 64, stride: 64}", "data.min_length=512",
                                  "serve.autoscaling={min_replicas: 2, max_replicas: 2}"])
     assert cfg.distill.alpha_schedule.end == 0 and cfg.data.window.stride == 64
+
+
+def test_back_translation_gpu_share_is_bounded():
+    base = {"data": {"augment": {"copies": 1, "back_translate": {"model": "m"}}}}
+    assert Config.model_validate(base).data.augment.back_translate.num_gpus == 0
+    base["data"]["augment"]["back_translate"]["num_gpus"] = 1
+    assert Config.model_validate(base).data.augment.back_translate.num_gpus == 1
+    base["data"]["augment"]["back_translate"]["num_gpus"] = 2
+    with pytest.raises(ValidationError):
+        Config.model_validate(base)

@@ -47,7 +47,8 @@ class BackTranslator:
 
             torch.manual_seed(0)
             self.tok.padding_side = "left"  # decoder-only generation continues from the right end
-            self.model = load_causal_lm(model, dtype="float32").eval()
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU only when the actor holds one
+            self.model = load_causal_lm(model, dtype="float32").to(self.device).eval()
 
     def generate(self, texts: list[str]) -> list[str]:
         """Greedy continuations of `texts` (deterministic, so augmentation stays reproducible)."""
@@ -60,11 +61,11 @@ class BackTranslator:
             return self._decode([list(o.outputs[0].token_ids) for o in outs])
         import torch
 
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         with torch.no_grad():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                       pad_token_id=self.tok.pad_token_id)
-        return self._decode(out[:, enc["input_ids"].shape[1]:].tolist())
+        return self._decode(out[:, enc["input_ids"].shape[1]:].cpu().tolist())
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         """Generated token ids to text, up to the first pad (HF pads finished rows of a batch)."""

@@ -454,6 +454,7 @@ def _back_translated(ctx: FinalizeContext, bt: BackTranslateConfig, staged_files
 
     return (read_parquet(staged_files).map_batches(select_for_back_translation, batch_format="pyarrow", fn_kwargs={"ctx": ctx})
             .map_batches(BackTranslator, batch_size=16, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1, batch_format="numpy",
+                         **({"num_gpus": bt.num_gpus} if bt.num_gpus else {}),
                          fn_constructor_kwargs={"model": bt.model, "pivot_prompt": bt.pivot_prompt,
                                                 "return_prompt": bt.return_prompt, "max_new_tokens": bt.max_new_tokens,
                                                 "engine": bt.engine})
