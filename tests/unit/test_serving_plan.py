@@ -86,6 +86,18 @@ def test_bad_models_fail_naming_the_key(tmp_path):
         plan_engines(cfg_for([{"path": str(orphan)}]))
 
 
+def test_llm_config_on_gpus(tmp_path):
+    """GPU engines get tensor parallelism, their GPU share and the accelerator type; none of it on CPU."""
+    base = fake_model(tmp_path / "m", max_pos=512)
+    cfg = cfg_for([{"path": str(base)}], tensor_parallel_size=2, gpu_memory_utilization=0.7, accelerator_type="L4", device="gpu")
+    (engine,) = plan_engines(cfg)
+    lc = llm_config(cfg, engine, use_gpu=True)
+    assert lc.engine_kwargs["tensor_parallel_size"] == 2 and lc.engine_kwargs["gpu_memory_utilization"] == 0.7
+    assert lc.accelerator_type == "L4" and "enforce_eager" not in lc.engine_kwargs
+    plain = llm_config(cfg_for([{"path": str(base)}]), engine, use_gpu=False)
+    assert not {"tensor_parallel_size", "gpu_memory_utilization"} & set(plain.engine_kwargs) and plain.accelerator_type is None
+
+
 def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path):
     base = fake_model(tmp_path / "teacher", max_pos=512)
     run = fake_lora_run(tmp_path / "run", base, r=24)

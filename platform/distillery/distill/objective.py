@@ -8,6 +8,9 @@ temperature/alpha schedules, progressive stages, and a per-batch KD weight from 
 Metrics add kd_loss, ce_loss, hidden_loss, and on val the teacher–student top-1 agreement and KL,
 against the full teacher (in cached mode loaded for validation when on disk) and, in cached mode,
 against the cache too (`_cache` names).
+The online teacher reaches the losses as its final hidden states and lm_head (`run_teacher`): its
+(B, T, V) logits are formed chunk by chunk inside the loss, never whole. With distill.fused_lm_head
+the student's are too, under FSDP2 as well (`fused_lm_head_params`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from distillery.config import Config, ConfigError
 from distillery.data.splits import IGNORE_INDEX
 from distillery.distill.losses import (
     SparseTeacher,
+    TeacherHidden,
+    TeacherMixture,
     cached_teacher_kl,
     check_vocab,
     distill_loss,
@@ -31,8 +36,8 @@ from distillery.distill.losses import (
     layer_map,
     schedule,
     teacher_entropy,
+    teacher_top1,
 )
-from distillery.distill.mixture import mixture_logits
 from distillery.distill.teacher_cache import (
     CACHE_COLUMNS, COUNTS_COL, IDS_COL, LOGPROBS_COL, TAIL_COL, load_cache_manifest, sparse_teacher_batch,
 )
@@ -40,6 +45,7 @@ from distillery.models.load import load_causal_lm, resolve_model_dir
 from distillery.models.structure import decoder_layers
 from distillery.train.method import TRAIN_COLUMNS
 from distillery.train.objective import lm_head_of, router_aux_coef, shift
+from distillery.train.sharded_load import MetaModel, frozen_model
 
 
 def wants_attention(cfg: Config) -> bool:
@@ -54,6 +60,100 @@ def _on_disk(path: str) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+# Model-config fields that put something between lm_head(hidden) and the returned logits.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def logits_are_linear(model) -> bool:
+    """Whether the model's logits are exactly `lm_head(last hidden state)`, so a teacher can be
+    handed to the losses as hidden states (`TeacherHidden`); False with soft-capping or scaling."""
+    config = model.config
+    return all(getattr(config, key, None) in (None, 1, 1.0) for key in _LOGIT_TRANSFORMS)
+
+
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t` as a plain tensor: an FSDP2-sharded parameter (a DTensor outside its module's
+    forward) is all-gathered, as FSDP itself does before the forward."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _check_last_position(teacher: TeacherHidden, logits: torch.Tensor, name: str) -> None:
+    """Refuse a teacher whose lm_head does not reproduce its own logits. `logits`: (B, 1, V), what
+    the model returned for the last position (`logits_to_keep=1`); free to compare, and it catches
+    a logit transform `logits_are_linear` does not know."""
+    mine = F.linear(teacher.hidden[:, -1:].to(teacher.weight.dtype), teacher.weight, teacher.bias).float()
+    theirs = logits.float()
+    tol = 1e-4 if teacher.weight.dtype == torch.float32 else 2e-2  # one bf16/fp16 rounding of a logit
+    if (mine - theirs).abs().max() > tol * (1.0 + theirs.abs().max()):
+        raise RuntimeError(
+            f"the teacher {name}'s logits are not lm_head(final hidden state): its KD target cannot be formed "
+            f"chunk by chunk from its hidden states (add the transform's config field to _LOGIT_TRANSFORMS)"
+        )
+
+
+@torch.no_grad()
+def run_teacher(teacher, batch: dict[str, Any], need_hidden: bool = False, need_attn: bool = False):
+    """One frozen teacher's forward for the losses: (teacher, hidden states or None, attentions or None).
+
+    The teacher is a `TeacherHidden`: its final hidden states (B, T, H) — `hidden_states[-1]`,
+    which Hugging Face causal LMs return after the final norm, i.e. the lm_head's input — and its
+    lm_head weight (V, H) and bias, so the losses form its logits chunk by chunk; `logits_to_keep=1`
+    stops the model from forming the (B, T, V) logits itself. A model whose logits are not linear in
+    the hidden state (`logits_are_linear`) gives its dense (B, T, V) float32 logits instead.
+    `need_hidden` / `need_attn` ask for every layer's hidden states / attentions (feature distillation);
+    otherwise none are returned, so only the last layer's outlives this call.
+    """
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, output_attentions=need_attn)
+    if not logits_are_linear(teacher):
+        out = teacher(**kw, output_hidden_states=need_hidden)
+        return out.logits.float(), out.hidden_states, out.attentions
+    out = teacher(**kw, output_hidden_states=True, logits_to_keep=1)
+    head = lm_head_of(teacher)
+    hidden = TeacherHidden(out.hidden_states[-1], _local(head.weight).detach(), _local(head.bias))
+    _check_last_position(hidden, out.logits, type(teacher).__name__)
+    return hidden, (out.hidden_states if need_hidden else None), out.attentions
+
+
+def mixed_teacher(teachers: list[tuple[torch.nn.Module, float]], batch: dict[str, Any], need_hidden: bool = False,
+                  need_attn: bool = False):
+    """(teacher for the losses, hidden states or None, attentions or None) of one or several
+    weighted teachers: one `run_teacher` teacher, or a `TeacherMixture` the losses mix chunk by
+    chunk at their temperature. Hidden states / attentions, when asked for, are the first teacher's."""
+    members, hidden, attn = [], None, None
+    for i, (model, _) in enumerate(teachers):
+        member, h, a = run_teacher(model, batch, need_hidden and i == 0, need_attn and i == 0)
+        members.append(member)
+        hidden, attn = (h, a) if i == 0 else (hidden, attn)
+    if len(members) == 1:
+        return members[0], hidden, attn
+    return TeacherMixture(members, [w for _, w in teachers]), hidden, attn
+
+
+def fused_lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The student's lm_head weight (V, H) and bias for `distill_loss(..., lm_head_weight=...)`,
+    taken after the student's forward and before its backward.
+
+    Under FSDP2 the lm_head belongs to the root module, whose parameters are sharded DTensors
+    outside its forward. The root keeps them unsharded from its forward to its backward (FSDP2
+    does not reshard the root after forward); `unshard()` states that (a no-op then) so the
+    parameters read here are the unsharded ones. The loss's gradient accumulates into them as the
+    lm_head's own forward would, and the root's post-backward reduce-scatters it into the sharded
+    gradient and reshards. DDP / unwrapped: the parameters themselves.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FSDPModule):
+        model.unshard()
+    head = lm_head_of(model)
+    if isinstance(head.weight, DTensor):
+        raise RuntimeError("distill.fused_lm_head: the student's lm_head is still sharded after unshard() "
+                           "(is it an FSDP unit of its own?); it must belong to the FSDP root module")
+    return head.weight, head.bias
 
 
 def attn_implementation(cfg: Config) -> str | None:
@@ -80,15 +180,17 @@ class DistillObjective:
         # by weight (distill/mixture.py). `self.teacher` is the first, the one hidden states come from.
         self.teachers: list[torch.nn.Module] = []
         self.teacher_weights: list[float] = []
+        self._meta_teachers: list[MetaModel] = []
         if self.d.teacher_mode == "online":
             for path, weight in cfg.model.teacher_specs:
-                t = load_causal_lm(
-                    resolve_model_dir(path), dtype="bfloat16" if cfg.train.use_gpu else "float32",
-                    attn_implementation=attn_implementation(cfg),
-                )
+                # Under FSDP on several workers: on the meta device, each rank's shard read in after_wrap.
+                t, meta = frozen_model(resolve_model_dir(path), cfg, "bfloat16" if cfg.train.use_gpu else "float32", device,
+                                       attn_implementation=attn_implementation(cfg))
+                if meta is not None:
+                    self._meta_teachers.append(meta)
                 if self.d.cross_tokenizer is None:  # across tokenizers the vocabularies differ by design
                     check_vocab(t.config.vocab_size, self.vocab, teacher=str(path), student=str(cfg.model.path))
-                self.teachers.append(t.eval().requires_grad_(False).to(device))
+                self.teachers.append(t)
                 self.teacher_weights.append(weight)
             self.teacher = self.teachers[0]
         self.pairs: list[tuple[int, int]] = []
@@ -123,6 +225,8 @@ class DistillObjective:
                 for layer in decoder_layers(teacher):
                     fully_shard(layer)
                 fully_shard(teacher)
+        for meta in self._meta_teachers:  # sharded loading: allocate and read this rank's shard
+            meta.materialize(self.device)
         # Cached mode: the evaluation-only teacher is loaded here (once per worker) and sharded the same way.
         for teacher, _ in self._evaluation_teachers():
             if self.cfg.train.strategy == "fsdp":
@@ -204,30 +308,20 @@ class DistillObjective:
                     self._eval_teachers.append((t.eval().requires_grad_(False).to(self.device), weight))
         return self._eval_teachers
 
-    def _evaluation_logits(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """(B, T, V) float32 logits of the full teacher (the mixture at T = 1 with several), or None."""
+    def _evaluation_teacher(self, batch: dict[str, Any]):
+        """The full teacher (their mixture with several, `mixed_teacher`) as the losses take it, or None."""
         teachers = self._evaluation_teachers()
-        if not teachers:
-            return None
-        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        return mixture_logits([t(**kw).logits for t, _ in teachers], [w for _, w in teachers], 1.0)
+        return mixed_teacher(teachers, batch)[0] if teachers else None
 
     def _online_teacher(self, batch: dict[str, Any], need_hidden: bool, need_attn: bool, temperature: float):
-        """(dense teacher logits (B, T, V) float32, hidden states or None, attentions or None) from the
-        online teacher; with several teachers the logits are their mixture at `temperature`
-        (`mixture_logits`) and hidden states / attentions come from the first."""
-        with torch.no_grad():
-            out = self.teacher(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False,
-            )
-            if len(self.teachers) == 1:
-                return out.logits.float(), out.hidden_states, out.attentions
-            logits = [out.logits] + [
-                t(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-                for t in self.teachers[1:]
-            ]
-            return mixture_logits(logits, self.teacher_weights, temperature), out.hidden_states, out.attentions
+        """(teacher for the losses, hidden states or None, attentions or None) from the online teacher(s).
+
+        The teacher is never its (B, T, V) logits: a `TeacherHidden` (hidden states + lm_head), or
+        with several teachers a `TeacherMixture` (`mixed_teacher`); the losses form each chunk's
+        logits, and mix them at their own temperature, so `temperature` (kept for the callers) no
+        longer shapes the result. Hidden states / attentions come from the first teacher.
+        """
+        return mixed_teacher(list(zip(self.teachers, self.teacher_weights)), batch, need_hidden, need_attn)
 
     # -- loss ---------------------------------------------------------------------------------
 
@@ -239,7 +333,7 @@ class DistillObjective:
         alpha = now["alpha"]
         if self.d.entropy_weighting:
             alpha = entropy_kd_weight(teacher_entropy(teacher, batch["labels"], self.d.chunk_size), self.vocab, alpha)
-        fused = self.d.fused_lm_head and self.cfg.train.strategy != "fsdp"
+        fused = self.d.fused_lm_head
         # Fused, the loss forms logits chunk by chunk from the hidden states; `logits_to_keep=1` stops
         # the model from also forming the full (B, T, V) logits it would otherwise return.
         out = model(
@@ -248,11 +342,11 @@ class DistillObjective:
             **({"logits_to_keep": 1} if fused else {}), **({"output_router_logits": True} if self.aux_coef > 0 else {}),
         )
         if fused:
-            head = lm_head_of(model)
+            weight, bias = fused_lm_head_params(model)
             res = distill_loss(
                 out.hidden_states[-1], teacher, batch["labels"], kind=self.d.loss, temperature=now["temperature"],
                 alpha=alpha, beta=self.d.beta, keep_tail=self.d.keep_tail, chunk_size=self.d.chunk_size,
-                lm_head_weight=head.weight, lm_head_bias=head.bias,
+                lm_head_weight=weight, lm_head_bias=bias,
             )
         else:
             res = distill_loss(
@@ -303,13 +397,12 @@ class DistillObjective:
             cached = self._cached_teacher(batch)
             metrics["teacher_top1_agreement_cache"] = float((student_top1 == cached.ids[:, :-1, 0][sel]).sum()) if n else 0.0
             metrics["teacher_kl_cache"] = float(cached_teacher_kl(out.logits, cached, batch["labels"], self.d.keep_tail, self.d.chunk_size))
-            teacher = self._evaluation_logits(batch)
+            teacher = self._evaluation_teacher(batch)
             if teacher is None:
                 return metrics
         else:
             teacher, _, _ = self._teacher(batch, False, False, 1.0)
-        top1 = teacher[:, :-1].argmax(-1)[sel]
-        agree = float((student_top1 == top1).sum()) if n else 0.0
+        agree = float((student_top1 == teacher_top1(teacher, batch["labels"], self.d.chunk_size)).sum()) if n else 0.0
         kl = distill_loss(out.logits.float(), teacher, batch["labels"], kind="forward_kl", temperature=1.0, alpha=1.0,
                           chunk_size=self.d.chunk_size)
         return {**metrics, "teacher_top1_agreement": agree, "teacher_kl": float(kl.kd) * kl.num_tokens}

@@ -70,6 +70,7 @@ import pyarrow as pa
 from ray.data import Datasink
 
 from distillery.config import Config, ConfigError
+from distillery.engine_settings import check_engine, engine_dtype, engine_kwargs, engine_resources
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
 from distillery.registry.record import artifact_hashes, finish_stage, new_record, teacher_hashes
@@ -231,7 +232,64 @@ def _with_teacher_columns(batch: pa.Table, per_row: list[RowEntries], vocab: int
 # --------------------------------------------------------------------------- backends
 
 
-class HFTeacherScorer:
+class StoredEntries:
+    """The teacher-cache entries `generate` stored for its samples (distill.cache_reuse): a row whose
+    input_ids are a stored sequence takes them instead of a teacher run.
+
+    Entries are the plain top-k of the same teacher (checked before Ray starts, `check_reuse`); a
+    cache with a smaller top_k keeps the first top_k, and its tail becomes log(1 − Σ kept) again.
+    """
+
+    def __init__(self, directories: list[str], top_k: int):
+        from distillery.distill.generate import iter_generated_logprobs
+
+        self.top_k = top_k
+        self.stored: dict[str, tuple] = {}
+        for d in directories:
+            self.stored.update(iter_generated_logprobs(d))
+
+    def lookup(self, input_ids: list[int], labels: list[int]) -> RowEntries | None:
+        """The row's stored entries, or None when its sequence is not stored (or its target positions
+        differ from the stored ones, e.g. labels masked differently)."""
+        from distillery.distill.generate import sequence_key
+
+        hit = self.stored.get(sequence_key(input_ids))
+        if hit is None:
+            return None
+        pos, ids, lps, tail = hit
+        if not np.array_equal(pos, target_positions(labels)):
+            return None
+        if ids.shape[1] > self.top_k:
+            ids, lps = ids[:, : self.top_k], lps[:, : self.top_k]
+            rest = 1.0 - np.exp(lps.astype(np.float64)).sum(-1)
+            tail = np.log(np.maximum(rest, 1e-30)).astype(np.float32)
+        return RowEntries(pos, ids, lps, tail)
+
+
+class Scorer:
+    """Base of the scorer actors: `entries` (the backend's) for the rows of a batch that need a
+    teacher run, stored entries for the others (distill.cache_reuse)."""
+
+    vocab: int
+    dtype: str
+    reuse: StoredEntries | None = None
+
+    def entries(self, batch: pa.Table) -> list[RowEntries]:
+        raise NotImplementedError
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.reuse is None:
+            return _with_teacher_columns(batch, self.entries(batch), self.vocab, self.dtype)
+        ids_rows, label_rows = batch.column("input_ids").to_pylist(), batch.column("labels").to_pylist()
+        per_row = [self.reuse.lookup(ids, y) for ids, y in zip(ids_rows, label_rows)]
+        missing = [i for i, e in enumerate(per_row) if e is None]
+        if missing:
+            for i, e in zip(missing, self.entries(batch.take(missing))):
+                per_row[i] = e
+        return _with_teacher_columns(batch, per_row, self.vocab, self.dtype)
+
+
+class HFTeacherScorer(Scorer):
     """Ray Data actor: holds the teacher(s) (transformers) and adds the cache entries to each batch of rows.
 
     One padded forward per teacher per batch gives logits (rows, L, V); only target positions are
@@ -240,7 +298,7 @@ class HFTeacherScorer:
     """
 
     def __init__(self, teachers: list[tuple[str, float]], top_k: int, samples: int, sample_temperature: float, seed: int, dtype: str,
-                 model_dtype: str, num_threads: int, use_gpu: bool = False):
+                 model_dtype: str, num_threads: int, use_gpu: bool = False, reuse: list[str] | None = None):
         import torch
 
         from distillery.models.load import load_causal_lm
@@ -262,8 +320,9 @@ class HFTeacherScorer:
         self.dtype = dtype
         pad = getattr(self.models[0].config, "pad_token_id", None)
         self.pad_id = int(pad) if isinstance(pad, int) else 0
+        self.reuse = StoredEntries(reuse, self.top_k) if reuse else None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def entries(self, batch: pa.Table) -> list[RowEntries]:
         from distillery.distill.mixture import mixture_logits
 
         torch = self.torch
@@ -308,7 +367,7 @@ class HFTeacherScorer:
                 self._sample(entry, logp[start:end], outside[start:end], tail[start:end], row_id)
             per_row.append(entry)
             start = end
-        return _with_teacher_columns(batch, per_row, self.vocab, self.dtype)
+        return per_row
 
     def _sample(self, entry: RowEntries, logp, outside, tail, row_id: str) -> None:
         """Draw `samples` ids per position, with replacement, from the teacher's distribution at the
@@ -338,7 +397,7 @@ class HFTeacherScorer:
         entry.sample_counts = counts.numpy()[order].astype(np.uint8)
 
 
-class VLLMTeacherScorer:
+class VLLMTeacherScorer(Scorer):
     """Ray Data actor: the teacher in a vLLM engine; `prompt_logprobs=top_k` scores each prompt once.
 
     vLLM's prompt_logprobs[i] is the distribution over token i given tokens < i, so the cache's
@@ -347,23 +406,20 @@ class VLLMTeacherScorer:
     log(1 − Σ top-k) in float64 (floored at 1e-30).
     """
 
-    def __init__(self, teacher: str, top_k: int, dtype: str, model_dtype: str, max_model_len: int, use_gpu: bool = False):
+    def __init__(self, teacher: str, top_k: int, dtype: str, engine: dict[str, Any], reuse: list[str] | None = None):
         from vllm import LLM, SamplingParams
 
         from distillery.models.load import resolve_model_dir
 
-        # model.dtype auto: bf16 on a GPU, fp32 on CPU (where bf16 GEMMs are slower).
-        vllm_dtype = ("bfloat16" if use_gpu else "float32") if model_dtype == "auto" else model_dtype
-        self.llm = LLM(
-            model=str(resolve_model_dir(teacher)), dtype=vllm_dtype, max_model_len=max_model_len,
-            max_logprobs=top_k, enforce_eager=True, seed=0,
-        )
+        # `engine`: engine_settings.engine_kwargs of distill.cache_engine (dtype, context, GPU share, TP).
+        self.llm = LLM(model=str(resolve_model_dir(teacher)), max_logprobs=top_k, seed=0, **engine)
         self.vocab = int(self.llm.llm_engine.model_config.get_vocab_size())
         self.top_k = min(top_k, self.vocab)
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=self.top_k, temperature=0.0)
         self.dtype = dtype
+        self.reuse = StoredEntries(reuse, self.top_k) if reuse else None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def entries(self, batch: pa.Table) -> list[RowEntries]:
         from vllm.inputs import TokensPrompt
 
         ids_rows = batch.column("input_ids").to_pylist()
@@ -384,7 +440,7 @@ class VLLMTeacherScorer:
                 rest = 1.0 - float(np.exp(vals[j, : len(ranked)].astype(np.float64)).sum())
                 tail[j] = np.log(max(rest, 1e-30))
             per_row.append(RowEntries(pos, ids, vals, tail))
-        return _with_teacher_columns(batch, per_row, self.vocab, self.dtype)
+        return per_row
 
 
 def choose_backend(cfg: Config) -> str:
@@ -617,6 +673,60 @@ class OrderedSplitSink(Datasink):
                 pq.write_table(part, os.path.join(self.path, split, f"part-{ctx.task_idx:06d}-{n:04d}.parquet"))
 
 
+def check_reuse(cfg: Config, identity: dict[str, Any], top_k: int, samples: int) -> None:
+    """distill.cache_reuse: every directory is a `generate` output of this very teacher (content hash)
+    whose stored top-k holds at least distill.top_k entries, and the cache is a plain top-k one
+    (the stored entries have no sampled tail). ConfigError naming the key otherwise."""
+    from distillery.distill.generate import MANIFEST
+
+    if not cfg.distill.cache_reuse:
+        return
+    if samples:
+        raise TeacherCacheError(
+            f"distill.cache_reuse: generate stores the teacher's plain top-k, without the sampled tail of cache_samples "
+            f"{samples}; set distill.cache_samples=0 to reuse it (or drop cache_reuse to score every row)")
+    for i, d in enumerate(cfg.distill.cache_reuse):
+        key = f"distill.cache_reuse.{i}"
+        path = os.path.join(d, MANIFEST)
+        if not os.path.isfile(path):
+            raise TeacherCacheError(f"{key}: '{d}' is not a `distillery generate` output (no {MANIFEST})")
+        manifest = json.loads(Path(path).read_text())
+        made_by = manifest.get("teacher", {}).get("hash")
+        if made_by != identity.get("hash"):
+            raise TeacherCacheError(
+                f"{key}: '{d}' was generated by teacher {manifest.get('teacher', {}).get('path')} (content {str(made_by)[:12]}), "
+                f"not this cache's teacher (content {str(identity.get('hash'))[:12]}); its logprobs are another model's")
+        stored_k = int(manifest.get("settings", {}).get("top_k", 0))
+        if stored_k < top_k:
+            raise TeacherCacheError(f"{key}: '{d}' stores the top {stored_k} logprobs per position, fewer than distill.top_k {top_k}; "
+                                    f"set distill.top_k to at most {stored_k}, or re-run generate with generate.top_k {top_k}")
+
+
+def count_reused(cfg: Config, splits: list[str]) -> dict[str, int]:
+    """Per split, the prepared rows whose sequence `generate` stored (distill.cache_reuse): they take
+    the stored entries instead of a teacher run."""
+    from distillery.distill.generate import iter_generated_logprobs, sequence_key
+
+    import pyarrow.parquet as pq
+
+    keys = {k for d in cfg.distill.cache_reuse for k, _ in iter_generated_logprobs(d)}
+    out = {}
+    for split in splits:
+        ids = pq.read_table(split_dir(cfg.prepared_dir, split), columns=["input_ids"]).column("input_ids").to_pylist()
+        out[split] = sum(sequence_key(r) in keys for r in ids)
+    return out
+
+
+def cache_actor_resources(cfg: Config, backend: str) -> dict[str, Any]:
+    """Ray resources of one teacher actor: 1 CPU, and with train.use_gpu the GPUs its engine uses
+    (distill.cache_engine.tensor_parallel_size for vLLM, one for the HF forward; Ray hides GPUs
+    from actors that ask for none)."""
+    res = engine_resources(cfg.distill.cache_engine, cfg.train.use_gpu)
+    if backend == "hf" and res:
+        res["num_gpus"] = 1
+    return {"num_cpus": 1, **res}
+
+
 def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, samples: int, tmp: str) -> dict[str, dict[str, Any]]:
     """Run the teacher(s) over every split with Ray Data batch inference, writing the cache under `tmp`;
     returns rows, positions, sampled entries and bytes per split."""
@@ -638,17 +748,18 @@ def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, samp
                 SPLIT_COL, lambda t, split=split: pa.array([split] * t.num_rows), batch_format="pyarrow"
             )
             ds = part if ds is None else ds.union(part)
+        use_gpu, engine = cfg.train.use_gpu, cfg.distill.cache_engine
+        reuse = list(cfg.distill.cache_reuse) or None
         if backend == "vllm":
-            max_len = max(int(cfg.data.max_length), 16)
             scorer, kwargs = VLLMTeacherScorer, dict(
-                teacher=teachers[0][0], top_k=top_k, dtype=cfg.distill.cache_dtype, model_dtype=cfg.model.dtype, max_model_len=max_len,
-                use_gpu=cfg.train.use_gpu,
+                teacher=teachers[0][0], top_k=top_k, dtype=cfg.distill.cache_dtype,
+                engine=engine_kwargs(engine, cfg.model.dtype, use_gpu, max(int(cfg.data.max_length), 16)), reuse=reuse,
             )
         else:
             scorer, kwargs = HFTeacherScorer, dict(
                 teachers=teachers, top_k=top_k, samples=samples, sample_temperature=sample_temperature(cfg), seed=cfg.seed,
                 dtype=cfg.distill.cache_dtype,
-                model_dtype=cfg.model.dtype, num_threads=threads, use_gpu=cfg.train.use_gpu,
+                model_dtype=engine_dtype(engine, cfg.model.dtype, use_gpu), num_threads=threads, use_gpu=use_gpu, reuse=reuse,
             )
         out = ds.map_batches(
             scorer,
@@ -656,9 +767,7 @@ def _score_splits(cfg: Config, splits: list[str], backend: str, top_k: int, samp
             batch_size=cfg.distill.cache_batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.distill.cache_actors),
-            num_cpus=1,
-            # train.use_gpu: each teacher actor holds a GPU (Ray hides GPUs from actors that ask for none).
-            **({"num_gpus": 1} if cfg.train.use_gpu else {}),
+            **cache_actor_resources(cfg, backend),
         )
         # Rows keep the prepared split's order (blocks reach the write tasks in order, the sink
         # names files by task), so a cached run trains on the same batches as an online one.
@@ -741,7 +850,14 @@ def run_cache_teacher(cfg: Config) -> int:
     if not specs:  # check_paths guarantees one; a direct caller may not have run it
         raise TeacherCacheError("model.teacher: cache-teacher needs a teacher (model.teacher or model.teachers)")
     backend = choose_backend(cfg)
+    check_engine(cfg.distill.cache_engine, "distill.cache_engine", cfg.train.use_gpu)
+    if backend == "hf" and cfg.distill.cache_engine.tensor_parallel_size > 1:
+        raise TeacherCacheError(
+            "distill.cache_engine.tensor_parallel_size shards a vLLM engine, and this cache uses the hf backend "
+            "(several teachers, a sampled tail, or an adapter teacher); set distill.cache_backend=vllm or leave it at 1"
+        )
     identity = cache_teacher_identity(specs)
+    check_reuse(cfg, identity, cfg.distill.top_k, cfg.distill.cache_samples)
     vocab = teachers_vocab_size(specs)
     names = ", ".join(f"{p} (weight {w:.3g})" for p, w in specs) if len(specs) > 1 else specs[0][0]
     check_top_k(cfg.distill.top_k, vocab, names)
@@ -753,6 +869,10 @@ def run_cache_teacher(cfg: Config) -> int:
     drawn_at = f" at T={sample_temperature(cfg):g}" if samples else ""
     print(f"cache-teacher: {backend} backend, teacher {names}, top_k {top_k}, cache_samples {samples}{drawn_at}, {cfg.distill.cache_dtype}, "
           f"splits {splits} -> {cache_dir}", flush=True)
+    reused = count_reused(cfg, splits) if cfg.distill.cache_reuse else {}
+    if reused:
+        print(f"cache-teacher: {sum(reused.values())} rows ({', '.join(f'{k} {v}' for k, v in reused.items())}) take the logprobs "
+              f"generate stored (distill.cache_reuse); the teacher scores the rest", flush=True)
     if samples and samples < FEW_DRAWS and sample_temperature(cfg) > 1.5:
         # Measured (benchmarks/README.md, "Sparse teacher caches"): at T = 2 a tempered tail holds
         # most of the mass, and a few draws of it trained the student far from the online teacher.
@@ -764,6 +884,9 @@ def run_cache_teacher(cfg: Config) -> int:
     with removed_on_failure(tmp):
         per_split = _score_splits(cfg, splits, backend, top_k, samples, tmp)
         manifest = _cache_manifest(cfg, data_manifest, identity, backend, top_k, samples, vocab, per_split, t0)
+        if reused:
+            manifest["reused_rows"] = reused
+            manifest["reused_from"] = list(cfg.distill.cache_reuse)
         write_text_atomic(os.path.join(tmp, CACHE_MANIFEST), json.dumps(manifest, indent=2))
         install_dir(tmp, cache_dir)
     print(

@@ -19,6 +19,7 @@ class Generations:
     seconds: float
     latencies: list[float] = field(default_factory=list)
     backend: str = ""
+    note: str = ""  # why the backend is not the one asked for (shown by the driver: the task's own output stays in its log)
 
 
 def render_prompt(tokenizer, ex: Example, chat: bool) -> str:
@@ -27,12 +28,13 @@ def render_prompt(tokenizer, ex: Example, chat: bool) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": ex.prompt}], tokenize=False, add_generation_prompt=True)
 
 
-def generate_vllm(model_dir: Path, prompts: list[str], max_new_tokens: int, latency_probes: int = 4) -> Generations:
-    """Greedy generations from a vLLM engine; LoRA adapters are applied on their base model."""
+def generate_vllm(model_dir: Path, prompts: list[str], max_new_tokens: int, engine: dict[str, Any], latency_probes: int = 4) -> Generations:
+    """Greedy generations from a vLLM engine built with `engine` (engine_settings.engine_kwargs of
+    eval.engine); LoRA adapters are applied on their base model."""
     from vllm import LLM, SamplingParams
 
     base = adapter_base(model_dir)
-    kwargs: dict[str, Any] = dict(dtype="float32", seed=0, enforce_eager=True, max_model_len=1024)
+    kwargs: dict[str, Any] = dict(seed=0, **engine)
     lora = None
     if base is not None:
         from vllm.lora.request import LoRARequest
@@ -57,22 +59,23 @@ def generate_vllm(model_dir: Path, prompts: list[str], max_new_tokens: int, late
     return Generations([o.outputs[0].text for o in outs], ids, sum(map(len, ids)), seconds, latencies, "vllm")
 
 
-def generate_hf(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 16) -> Generations:
-    """Greedy generations with transformers, left-padded batches."""
+def generate_hf(model_dir: Path, prompts: list[str], max_new_tokens: int, batch_size: int = 16, dtype: str = "float32",
+                device: str = "cpu") -> Generations:
+    """Greedy generations with transformers, left-padded batches, the model in `dtype` on `device`."""
     import torch
 
     from distillery.models.load import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(model_dir)
     tok.padding_side = "left"
-    model = load_causal_lm(model_dir).eval()
+    model = load_causal_lm(model_dir, dtype=dtype).eval().to(device)
     texts, all_ids, n_out, latencies = [], [], 0, []
     stop_ids = _stop_ids(model, tok)
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
             t = time.perf_counter()
-            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             new = out[:, enc["input_ids"].shape[1] :]
             for row in new:
@@ -93,12 +96,17 @@ def _stop_ids(model, tok) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, backend: str) -> Generations:
+def generate(model_dir: Path, prompts: list[str], max_new_tokens: int, backend: str, engine: dict[str, Any],
+             device: str = "cpu") -> Generations:
+    """Greedy generations with `backend` (auto: vLLM, falling back to transformers when the engine
+    cannot run the model); `engine` holds the vLLM arguments, whose dtype the fallback uses too."""
     if backend in ("auto", "vllm"):
         try:
-            return generate_vllm(model_dir, prompts, max_new_tokens)
+            return generate_vllm(model_dir, prompts, max_new_tokens, engine)
         except Exception as e:  # noqa: BLE001 - any engine failure falls back when allowed
             if backend == "vllm":
                 raise
-            print(f"eval: vLLM could not run {model_dir} ({type(e).__name__}: {e}); using Hugging Face generate", flush=True)
-    return generate_hf(model_dir, prompts, max_new_tokens)
+            gens = generate_hf(model_dir, prompts, max_new_tokens, dtype=engine["dtype"], device=device)
+            gens.note = f"vLLM could not run {model_dir} ({type(e).__name__}: {e}); used Hugging Face generate"
+            return gens
+    return generate_hf(model_dir, prompts, max_new_tokens, dtype=engine["dtype"], device=device)

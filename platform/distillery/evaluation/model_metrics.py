@@ -64,10 +64,11 @@ def same_tokens(tokenizer, prepared: str) -> bool:
 
 
 def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared: str, max_rows: int = 256,
-                            source_dir: Path | None = None) -> dict[str, float]:
+                            source_dir: Path | None = None, device: str = "cpu") -> dict[str, float]:
     """Val loss / perplexity on response tokens; top-1 agreement and KL(teacher‖model) when a teacher
     is given; and `source_top1_agreement` / `source_kl` against `source_dir`, the unquantised model a
-    quantised export was made from (full vocabulary, nats per response token)."""
+    quantised export was made from (full vocabulary, nats per response token). The models run in
+    float32 on `device` (`cuda` on a GPU worker)."""
     import pyarrow.parquet as pq
     import torch
     import torch.nn.functional as F
@@ -88,13 +89,13 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
     tok = load_tokenizer(model_dir)
     if not same_tokens(tok, prepared):
         return {}  # the val rows are another tokenizer's ids (a cross-tokenizer student): no loss of this model on them
-    model = load_causal_lm(model_dir).eval()
-    teacher = load_causal_lm(teacher_dir).eval() if teacher_dir else None
+    model = load_causal_lm(model_dir).eval().to(device)
+    teacher = load_causal_lm(teacher_dir).eval().to(device) if teacher_dir else None
     if teacher is not None and load_tokenizer(teacher_dir).get_vocab() != tok.get_vocab():
         teacher = None  # KL and agreement compare token ids: only within one vocabulary
     references = {"teacher": teacher} if teacher is not None else {}
     if source_dir is not None:
-        references["source"] = load_causal_lm(source_dir).eval()
+        references["source"] = load_causal_lm(source_dir).eval().to(device)
     nll = n_tok = 0.0
     agree = dict.fromkeys(references, 0.0)
     kl_sum = dict.fromkeys(references, 0.0)
@@ -110,6 +111,7 @@ def val_and_teacher_metrics(model_dir: Path, teacher_dir: Path | None, prepared:
                 ids[j, :n] = torch.tensor(r["input_ids"])
                 labels[j, :n] = torch.tensor(r["labels"])
                 mask[j, :n] = 1
+            ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()
             target = labels[:, 1:]
             sel = target != IGNORE_INDEX

@@ -23,15 +23,73 @@ from typing import Any
 
 from distillery.config import Config, ConfigError
 from distillery.evaluation.contamination import check_contamination
-from distillery.evaluation.generation import generate, render_prompt
+from distillery.evaluation.generation import render_prompt
+from distillery.engine_settings import check_engine
+from distillery.evaluation.worker import eval_max_model_len, evaluate_on_worker
 from distillery.data.answers import score
 from distillery.evaluation.metrics import load_jsonl_examples, load_prepared_examples
-from distillery.evaluation.model_metrics import parameter_counts, quantised_source, size_on_disk, val_and_teacher_metrics
+from distillery.evaluation.model_metrics import parameter_counts, quantised_source, size_on_disk
 from distillery.evaluation.report import model_name, render_report, write_plots
 from distillery.files import write_text_atomic
 from distillery.data.splits import load_manifest
 from distillery.models.load import model_identity, resolve_model_dir
 from distillery.registry.record import artifact_hashes, finish_stage, new_record, resolve_model_ref
+from distillery.runtime import ensure_ray
+
+
+def _evaluate_one(cfg: Config, m, model_dir: Path, examples: list, labels_by_task: dict[str, list[str]], contamination,
+                  teacher_dir: Path | None, local_ray: bool, example_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's row of the report: generations and metrics from its Ray task, scored here;
+    its examples are appended to `example_rows`."""
+    from distillery.models.load import load_tokenizer, model_config
+
+    ec = cfg.eval
+    name = model_name(m)
+    tok = load_tokenizer(model_dir)
+    prompts = [render_prompt(tok, e, ec.chat) for e in examples]
+    is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
+    source = quantised_source(model_dir)
+    max_len = ec.engine.max_model_len or eval_max_model_len(
+        max((len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1), ec.max_new_tokens,
+        getattr(model_config(model_dir).get_text_config(), "max_position_embeddings", None))
+    print(f"eval: generating with {name} ({model_dir})", flush=True)
+    gens, metrics = evaluate_on_worker(cfg, local_ray, model_dir, prompts, max_len, None if is_teacher else teacher_dir,
+                                       source[1] if source else None)
+    if gens.note:
+        print(f"eval: {gens.note}", flush=True)
+    per_task: dict[str, list[float]] = collections.defaultdict(list)
+    clean_per_task: dict[str, list[float]] = collections.defaultdict(list)
+    for i, (e, text, ids) in enumerate(zip(examples, gens.texts, gens.token_ids)):
+        s = score(e.metric, text.strip(), e.reference, ec.labels or labels_by_task[e.task])
+        per_task[e.task].append(s)
+        if contamination.flag(i) is False:
+            clean_per_task[e.task].append(s)
+        example_rows.append({"model": name, "task": e.task, "metric": e.metric, "prompt": e.prompt, "reference": e.reference,
+                             "prediction": text, "output_token_ids": ids, "score": s, "contaminated": contamination.flag(i)})
+    scores = {t: sum(v) / len(v) for t, v in per_task.items()}
+    total, trainable = parameter_counts(model_dir)
+    r: dict[str, Any] = {
+        "name": name,
+        "path": str(model_dir),
+        "scores": scores,
+        "mean_score": sum(scores.values()) / len(scores),
+        "parameters": total,
+        "trainable_parameters": trainable,
+        "size_bytes": size_on_disk(model_dir),
+        "tokens_per_s": gens.output_tokens / gens.seconds if gens.seconds else 0.0,
+        "latency_p50_s": sorted(gens.latencies)[len(gens.latencies) // 2] if gens.latencies else None,
+        "backend": gens.backend,
+    }
+    if contamination.count:
+        # The same scores on the examples the training split does not hold: the held-out figure.
+        r["clean_scores"] = {t: sum(v) / len(v) for t, v in clean_per_task.items()}
+        r["clean_mean_score"] = sum(r["clean_scores"].values()) / len(r["clean_scores"]) if r["clean_scores"] else None
+    if source is not None:
+        r["source"] = str(source[0])
+    r.update(metrics)
+    clean = f" ({r['clean_mean_score']:.3f} on clean examples)" if r.get("clean_mean_score") is not None else ""
+    print(f"eval: {name}: mean score {r['mean_score']:.3f}{clean}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
+    return r
 
 
 def run_eval(cfg: Config) -> int:
@@ -41,6 +99,7 @@ def run_eval(cfg: Config) -> int:
     ec = cfg.eval
     if not ec.models:
         raise ConfigError("eval.models: no models to evaluate")
+    check_engine(ec.engine, "eval.engine", cfg.train.use_gpu)
     model_dirs = []
     for i, m in enumerate(ec.models):
         try:
@@ -70,48 +129,17 @@ def run_eval(cfg: Config) -> int:
     print(contamination.message(), flush=True)
 
     results, example_rows = [], []
-    for m, model_dir in zip(ec.models, model_dirs):
-        name = model_name(m)
-        tok = load_tokenizer(model_dir)
-        prompts = [render_prompt(tok, e, ec.chat) for e in examples]
-        print(f"eval: generating with {name} ({model_dir})", flush=True)
-        gens = generate(model_dir, prompts, ec.max_new_tokens, ec.backend)
-        per_task: dict[str, list[float]] = collections.defaultdict(list)
-        clean_per_task: dict[str, list[float]] = collections.defaultdict(list)
-        for i, (e, text, ids) in enumerate(zip(examples, gens.texts, gens.token_ids)):
-            s = score(e.metric, text.strip(), e.reference, ec.labels or labels_by_task[e.task])
-            per_task[e.task].append(s)
-            if contamination.flag(i) is False:
-                clean_per_task[e.task].append(s)
-            example_rows.append({"model": name, "task": e.task, "metric": e.metric, "prompt": e.prompt, "reference": e.reference,
-                                 "prediction": text, "output_token_ids": ids, "score": s, "contaminated": contamination.flag(i)})
-        scores = {t: sum(v) / len(v) for t, v in per_task.items()}
-        total, trainable = parameter_counts(model_dir)
-        r: dict[str, Any] = {
-            "name": name,
-            "path": str(model_dir),
-            "scores": scores,
-            "mean_score": sum(scores.values()) / len(scores),
-            "parameters": total,
-            "trainable_parameters": trainable,
-            "size_bytes": size_on_disk(model_dir),
-            "tokens_per_s": gens.output_tokens / gens.seconds if gens.seconds else 0.0,
-            "latency_p50_s": sorted(gens.latencies)[len(gens.latencies) // 2] if gens.latencies else None,
-            "backend": gens.backend,
-        }
-        if contamination.count:
-            # The same scores on the examples the training split does not hold: the held-out figure.
-            r["clean_scores"] = {t: sum(v) / len(v) for t, v in clean_per_task.items()}
-            r["clean_mean_score"] = sum(r["clean_scores"].values()) / len(r["clean_scores"]) if r["clean_scores"] else None
-        is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
-        source = quantised_source(model_dir)
-        if source is not None:
-            r["source"] = str(source[0])
-        r.update(val_and_teacher_metrics(model_dir, None if is_teacher else teacher_dir, cfg.prepared_dir,
-                                         source_dir=source[1] if source else None))
-        results.append(r)
-        clean = f" ({r['clean_mean_score']:.3f} on clean examples)" if r.get("clean_mean_score") is not None else ""
-        print(f"eval: {name}: mean score {r['mean_score']:.3f}{clean}, {r['tokens_per_s']:.1f} tokens/s", flush=True)
+    # Each model runs in a Ray task holding the engine's resources (evaluation/worker.py); inside
+    # `ray job submit` this joins the job's cluster.
+    started_ray = ensure_ray(num_cpus=os.cpu_count() or 1, log_to_driver=False)
+    try:
+        for m, model_dir in zip(ec.models, model_dirs):
+            results.append(_evaluate_one(cfg, m, model_dir, examples, labels_by_task, contamination, teacher_dir, started_ray, example_rows))
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
     write_text_atomic(out / "examples.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in example_rows))
     write_text_atomic(out / "metrics.json", json.dumps({"tasks": tasks, "examples": len(examples), "contamination": contamination.summary(),

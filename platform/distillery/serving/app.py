@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config, ConfigError, check_paths, load_config
+from distillery.engine_settings import check_engine
 from distillery.export.merge import merge_adapter
 from distillery.models.load import adapter_base, resolve_model_dir, vllm_max_lora_rank
 from distillery.registry.record import REGISTRY_PREFIX, resolve_model_ref
@@ -155,6 +156,13 @@ def _use_gpu(cfg: Config) -> bool:
         return False
 
 
+def check_serve_engine(cfg: Config, use_gpu: bool) -> None:
+    """The GPU-only engine keys (tensor_parallel_size, gpu_memory_utilization, accelerator_type) are
+    refused on engines that run on CPU."""
+    why = "serve.device: cpu" if cfg.serve.device == "cpu" else "serve.device: auto found no CUDA device"
+    check_engine(cfg.serve, "serve", use_gpu, why)
+
+
 def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
     """The ray.serve.llm `LLMConfig` of one engine deployment."""
     from ray.serve.llm import LLMConfig
@@ -169,6 +177,11 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         engine_kwargs["dtype"] = s.dtype
     elif not use_gpu:
         engine_kwargs["dtype"] = "float32"  # fp32 GEMMs run faster than bf16 on these CPUs
+    if use_gpu:
+        engine_kwargs["gpu_memory_utilization"] = s.gpu_memory_utilization
+        if s.tensor_parallel_size > 1:
+            # Serve LLM reserves the GPUs as one placement group bundle per shard of the replica.
+            engine_kwargs["tensor_parallel_size"] = s.tensor_parallel_size
     env_vars: dict[str, str] = {}
     if not use_gpu:
         # CUDA-graph capture does not exist on CPU and torch.compile dominates start-up on small
@@ -205,6 +218,7 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         model_loading_config={"model_id": engine.model_id, "model_source": engine.path},
         engine_kwargs=engine_kwargs,
         accelerator_config={"kind": "gpu" if use_gpu else "cpu"},
+        **({"accelerator_type": s.accelerator_type} if use_gpu and s.accelerator_type else {}),
         runtime_env={"env_vars": env_vars} if env_vars else None,
         deployment_config=deployment_config,
         lora_config=lora_config,
@@ -251,6 +265,7 @@ def build_app(cfg: Config):
     engines, routes = plan_serving(cfg)
     use_gpu = _use_gpu(cfg)
     s = cfg.serve
+    check_serve_engine(cfg, use_gpu)
     return build_openai_app({
         "llm_configs": [llm_config(cfg, e, use_gpu) for e in engines],
         "ingress_cls_config": {
@@ -315,6 +330,7 @@ def run_serve(cfg: Config) -> int:
     # building the app itself needs a Ray session (deployment options read its runtime env).
     read_api_key(cfg)
     plan_engines(cfg)
+    check_serve_engine(cfg, _use_gpu(cfg))
     s = cfg.serve
     started = ensure_ray(num_cpus=_ray_num_cpus(cfg))
     app = build_app(cfg)

@@ -35,7 +35,10 @@ from distillery.train.collate import collate
 from distillery.train.esft import choose_experts, record_choice
 from distillery.train.method import TrainingMethod
 from distillery.train.objective import finish_eval
-from distillery.train.parallel import Precision, all_reduce_sums, clip_grads, sync_extra_grads, weights_dtype, wrap_model
+from distillery.train.parallel import (
+    Precision, all_reduce_sums, clip_grads, enable_activation_checkpointing, shard_device, sync_extra_grads, unwrap,
+    weights_dtype, wrap_model,
+)
 
 
 class EvaluationGate(Protocol):
@@ -126,7 +129,8 @@ class Worker:
         self.stream: Iterator[dict[str, Any]] = micro_batches(
             ray.train.get_dataset_shard("train"), cfg, self.tokenizer.pad_token_id, self.state, self.columns)
         self.plan_metrics = {"trainable_parameters": self.plan.trainable, "total_parameters": self.plan.total,
-                             "trainable_fraction": self.plan.fraction, **({"qat_layers": self.qat_layers} if self.qat_layers else {})}
+                             "trainable_fraction": self.plan.fraction, **({"qat_layers": self.qat_layers} if self.qat_layers else {}),
+                             **self.plan_extra}
         self.t_last, self.tokens_since = time.perf_counter(), 0.0
         if cfg.train.trace_rows:
             self._trace_identity()
@@ -135,18 +139,21 @@ class Worker:
 
     def _setup_model(self) -> None:
         cfg = self.cfg
+        self.plan_extra: dict[str, int] = {}  # sharded loading: bytes read (max over ranks) and the checkpoint's
         # Same seed on every rank: identical initial weights (LoRA init included) before sharding.
         torch.manual_seed(cfg.seed)
         model_dir = resolve_model_dir(cfg.model.path).resolve()
         self.tokenizer = load_tokenizer(model_dir)
         # fp32 master weights in every mode but bf16-pure; the mixed modes cast for compute only.
-        model = load_causal_lm(model_dir, dtype=weights_dtype(cfg), use_gpu=cfg.train.use_gpu,
-                               attn_implementation=self.method.attn_implementation(cfg))
-        experts, pending = None, None
+        pending = self._meta_model(model_dir)
+        model = pending.model if pending else load_causal_lm(
+            model_dir, dtype=weights_dtype(cfg), use_gpu=cfg.train.use_gpu,
+            attn_implementation=self.method.attn_implementation(cfg))
+        experts, choice = None, None
         if cfg.method.kind == "esft":
             import ray.train
 
-            experts, pending = choose_experts(cfg, model, self.tokenizer.pad_token_id, self.device, self.rank,
+            experts, choice = choose_experts(cfg, model, self.tokenizer.pad_token_id, self.device, self.rank,
                                               resuming=ray.train.get_checkpoint() is not None)
         model, self.plan = apply_method(model, cfg.method, experts)
         self.qat_layers = 0
@@ -157,17 +164,69 @@ class Worker:
             self.qat_layers = apply_qat(model)
             self.say(f"qat: {self.qat_layers} linear layers fake-quantise weights (int8 per channel) and inputs (int8 per token)")
         if self.rank == 0:
-            record_choice(cfg, pending, self.plan.fraction)
+            record_choice(cfg, choice, self.plan.fraction)
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(model)  # before wrapping: it patches the decoder layers
         self.objective = self.method.build_objective(cfg, self.tokenizer, model, self.device)
-        model.to(self.device)
+        if pending is None:
+            model.to(self.device)
         self.precision = Precision(cfg, self.device)
+        self._say_memory_plan(model)
         self.model = wrap_model(model, cfg, self.device, self.world)
+        if pending is not None:
+            self._report_load(pending.materialize(shard_device(cfg, self.device)))
         self.objective.after_wrap(self.model)
         self.model.train()
         # ESFT trains slices of the fused expert tensors: the rest must not move (models/experts.py).
         self.slices = ExpertSlices(self.plan.expert_masks, cfg.train.weight_decay) if self.plan.expert_masks else None
         if self.slices:
             self.slices.bind(self.model)
+
+    def _meta_model(self, model_dir):
+        """The student on the meta device for sharded loading (train/sharded_load.py), or None (with
+        a line saying why when FSDP runs on several workers) for the whole-model load."""
+        from distillery.models.load import torch_dtype
+        from distillery.train.sharded_load import build_on_meta, fallback_reason
+
+        reason = fallback_reason(self.cfg, model_dir, self.world)
+        if reason is None:
+            built = build_on_meta(model_dir, torch_dtype(weights_dtype(self.cfg), self.cfg.train.use_gpu),
+                                  attn_implementation=self.method.attn_implementation(self.cfg))
+            if not isinstance(built, str):
+                return built
+            reason = built
+        if self.cfg.train.strategy == "fsdp" and self.world > 1:
+            self.say(f"whole-model load on every worker (no sharded loading): {reason}")
+        return None
+
+    def _report_load(self, stats) -> None:
+        """Say what each rank read of the checkpoint (all ranks' bytes gathered to rank 0's line)."""
+        per_rank = torch.zeros(self.world, dtype=torch.float64, device=self.device)
+        per_rank[self.rank] = stats.bytes_read
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(per_rank)
+        self.load_bytes = [int(b) for b in per_rank.tolist()]
+        self.say(f"sharded load: {self.world} workers read {', '.join(f'{b / 2**20:.2f}' for b in self.load_bytes)} MiB "
+                 f"of a {stats.checkpoint_bytes / 2**20:.2f} MiB checkpoint")
+        self.plan_extra = {"load_bytes_read_max": max(self.load_bytes), "checkpoint_bytes": stats.checkpoint_bytes}
+
+    def _say_memory_plan(self, model) -> None:
+        """Two lines (rank 0) with the memory plan per worker (train/memory_plan.py)."""
+        from distillery.train.memory_plan import plan_memory
+
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        weight_bytes = 2 if weights_dtype(cfg) == "bfloat16" else 4
+        compute_bytes = self.precision.compute_dtype.itemsize if self.precision.compute_dtype else weight_bytes
+        shards = self.world if cfg.train.strategy == "fsdp" else 1
+        mem = plan_memory(unwrap(model).config, self.plan.total, self.plan.trainable, weight_bytes, compute_bytes,
+                          cfg.train.batch_size, cfg.data.max_length, shards)
+        for line in mem.describe(f"{cfg.train.batch_size}x{cfg.data.max_length}", cfg.train.activation_checkpointing,
+                                 cfg.train.cpu_offload):
+            self.say(line)
 
     def _setup_optimizer(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]

@@ -100,17 +100,51 @@ class Precision:
         return float(self.scaler.get_scale()) if self.scaler else None
 
 
+def fsdp_kwargs(cfg: Config) -> dict:
+    """Keyword arguments of every `fully_shard` call: the mixed-precision policy of `train.precision`
+    and, with `train.cpu_offload`, FSDP2's `CPUOffloadPolicy` (shards, gradients and the optimiser
+    step in host memory; each layer's parameters copied to the GPU for its forward and backward)."""
+    kwargs = {}
+    mp = mixed_precision_policy(cfg)
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    if cfg.train.cpu_offload:
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    return kwargs
+
+
+def shard_device(cfg: Config, device: torch.device) -> torch.device:
+    """Where FSDP keeps the parameter shards: host memory under `train.cpu_offload`, else `device`."""
+    return torch.device("cpu") if cfg.train.cpu_offload else device
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward pass (Hugging Face gradient checkpointing,
+    non-reentrant), on the unwrapped model before FSDP/DDP wraps it.
+
+    Non-reentrant checkpointing works under FSDP2 (the recomputation re-runs the layer's all-gather
+    hooks) and DDP, and needs no input that requires grad; the input-embedding hook is still set
+    for a PEFT model, whose frozen embeddings would otherwise hand the first layer an input
+    without grad (harmless when unneeded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "get_base_model"):
+        model.enable_input_require_grads()
+
+
 def wrap_model(model, cfg: Config, device: torch.device, world: int):
-    """FSDP2 (per decoder layer, then root; the mixed-precision policy of `train.precision`), DDP,
-    or the bare model."""
+    """FSDP2 (per decoder layer, then root; `fsdp_kwargs`: precision policy, CPU offload), DDP, or
+    the bare model."""
     strategy = cfg.train.strategy
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        mp = mixed_precision_policy(cfg)
+        kwargs = fsdp_kwargs(cfg)
         for layer in decoder_layers(model):
-            fully_shard(layer, mp_policy=mp) if mp else fully_shard(layer)
-        fully_shard(model, mp_policy=mp) if mp else fully_shard(model)
+            fully_shard(layer, **kwargs)
+        fully_shard(model, **kwargs)
         return model
     if strategy == "ddp" and world > 1:
         from torch.nn.parallel import DistributedDataParallel

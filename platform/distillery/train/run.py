@@ -40,6 +40,11 @@ def validate_training(cfg: Config, method: TrainingMethod) -> None:
     if not cfg.train.use_gpu and cfg.train.precision == "fp16":
         raise ConfigError("train.precision: fp16 (loss-scaled mixed precision) is for GPUs without bf16 and needs "
                           "train.use_gpu; on CPU use fp32 (the default there) or bf16")
+    if cfg.train.cpu_offload and (cfg.train.strategy != "fsdp" or not cfg.train.use_gpu):
+        raise ConfigError(
+            f"train.cpu_offload: FSDP2 CPU offload moves GPU-resident shards to host memory; it needs "
+            f"train.strategy fsdp (got {cfg.train.strategy}) and train.use_gpu (got {cfg.train.use_gpu})"
+        )
     load_manifest(cfg.prepared_dir)
     # Here rather than only in the workers: a trial or run whose plan cannot work (too many frozen
     # layers, ESFT on a dense model, a bad experts file) fails before any Ray Train worker starts.
@@ -92,6 +97,12 @@ def with_worker_cpus(cfg: Config, method: TrainingMethod, concurrent_runs: int =
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"cpus_per_worker": cpus})})
 
 
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of one training worker: its CPU share, one GPU with train.use_gpu, and
+    train.worker_resources (e.g. `{"accelerator_type:H100": 0.001}` to pin workers to H100 nodes)."""
+    return {"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {}), **cfg.train.worker_resources}
+
+
 def total_steps(cfg: Config, train_rows: int) -> int:
     """Optimiser steps the run will take (max_steps, or whole epochs of each worker's equal shard)."""
     if cfg.train.max_steps:
@@ -131,13 +142,8 @@ def build_trainer(cfg: Config, method: TrainingMethod, callbacks: list | None = 
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_yaml(), "method": method, "total_steps": steps, "gate": gate},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={
-                "CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {}), **cfg.train.worker_resources
-            },
-        ),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker=worker_resources(cfg)),
         run_config=RunConfig(
             storage_path=str(out / "ray"),
             name="train",
