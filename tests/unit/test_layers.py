@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "platform" / "distillery"
 
 # Lower number = lower layer; a module may import its own layer and those below.
 LAYERS = {
-    "config": 0, "files": 0, "ray_compat": 0, "runtime": 0,
+    "config": 0, "files": 0, "ray_compat": 0, "runtime": 0, "engine_settings": 0,
     "data": 1, "models": 1, "registry": 1,
     "train": 2,
     "distill": 3,

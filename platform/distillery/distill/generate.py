@@ -51,7 +51,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,18 +64,18 @@ from distillery.data.shared import row_id, tokenizer_identity, worker_tokenizer
 from distillery.data.tokenize import encode_batch, token_ids, truncate
 from distillery.data.validate import Invalid, validate, validate_prompt
 from distillery.engine_settings import check_engine, engine_kwargs, engine_resources
-from distillery.distill.teacher_cache import (
-    IDS_COL, LOGPROBS_COL, TAIL_COL, RowEntries, _with_teacher_columns, target_positions, teacher_vocab_size,
+from distillery.distill.teacher_cache import (  # the stored logprobs' layout and reading side live with the cache
+    GENERATE_MANIFEST, LOGPROBS_DIR, RowEntries, _with_teacher_columns, sequence_key, target_positions, teacher_vocab_size,
 )
+from distillery.distill.teacher_cache import iter_generated_logprobs, load_generated_logprobs  # noqa: F401 - the stage's reading side, re-exported
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
 from distillery.registry.record import artifact_hashes, finish_stage, new_record
 from distillery.models.load import adapter_base, model_config, model_identity, resolve_model_dir
 
 GENERATED = "generated.jsonl"
-LOGPROBS_DIR = "teacher_logprobs"
 REJECTED = "rejected.jsonl"
 QUARANTINE = "quarantine.jsonl"
-MANIFEST = "generate_manifest.json"
+MANIFEST = GENERATE_MANIFEST
 PARTS = "_parts"  # per-batch files the tasks write; concatenated in order by the driver
 DROP_REASONS = ("empty", "truncated", "repetition", "rejected", "duplicate", "invalid", "too_short", "too_long")
 COUNT_COLUMNS = ("prompts", "prompts_too_long", "samples", "generated_tokens", "kept", "kept_tokens") + DROP_REASONS
@@ -83,12 +83,6 @@ PROGRESS_EVERY_S = 15.0
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-def sequence_key(input_ids) -> str:
-    """A stable key of a token sequence: sha256 over its ids as little-endian int32 (32 hex digits).
-    The same ids give the same key in `generate`, `prepare` and `cache-teacher`."""
-    return hashlib.sha256(np.asarray(input_ids, dtype="<i4").tobytes()).hexdigest()[:32]
 
 
 def sample_seed(seed: int, prompt_id: str, index: int) -> int:
@@ -575,32 +569,6 @@ def _counts_table(counts: dict[str, Counter]) -> pa.Table:
 
 
 # --------------------------------------------------------------------------- reading side
-
-
-def iter_generated_logprobs(directory: str) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
-    """Stream (seq_key, (positions (n,) int64, ids (n, K) int32, logprobs (n, K) float32, tail (n,) float32))
-    for every kept sample of a `generate` output directory, one Parquet batch at a time."""
-    import pyarrow.parquet as pq
-
-    d = os.path.join(directory, LOGPROBS_DIR)
-    if not os.path.isdir(d):
-        raise ConfigError(f"'{directory}' holds no generated teacher logprobs ({LOGPROBS_DIR}/ missing); run `distillery generate CONFIG`")
-    for name in sorted(os.listdir(d)):
-        if not name.endswith(".parquet"):
-            continue
-        for rb in pq.ParquetFile(os.path.join(d, name)).iter_batches(columns=["seq_key", "labels", IDS_COL, LOGPROBS_COL, TAIL_COL], batch_size=256):
-            cols = rb.to_pydict()
-            for key, labels, ids, lps, tail in zip(cols["seq_key"], cols["labels"], cols[IDS_COL], cols[LOGPROBS_COL], cols[TAIL_COL]):
-                pos = target_positions(labels)
-                yield key, (pos, np.array([ids[t] for t in pos], dtype=np.int32).reshape(len(pos), -1),
-                            np.array([lps[t] for t in pos], dtype=np.float32).reshape(len(pos), -1),
-                            np.asarray(tail, dtype=np.float32)[pos])
-
-
-def load_generated_logprobs(directory: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """{seq_key: (positions (n,) int64, ids (n, K) int32, logprobs (n, K) float32, tail (n,) float32)} of a
-    `generate` output directory: the teacher-cache entries of every kept sample, by `sequence_key(input_ids)`."""
-    return dict(iter_generated_logprobs(directory))
 
 
 # --------------------------------------------------------------------------- the stage

@@ -63,7 +63,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -176,6 +176,46 @@ def _tail_lists(rows: list[tuple[np.ndarray, np.ndarray]], per_row_len: list[int
     return pa.array(out, type=pa.list_(pa.float32()))
 
 
+# --------------------------------------------------------------------------- generate's stored logprobs
+
+# `distillery generate` (distill/generate.py) stores the teacher's top-k of every kept sample in this
+# module's layout; `cache-teacher` reads them back (distill.cache_reuse), so the reading side is here.
+LOGPROBS_DIR = "teacher_logprobs"
+GENERATE_MANIFEST = "generate_manifest.json"
+
+
+def sequence_key(input_ids) -> str:
+    """A stable key of a token sequence: sha256 over its ids as little-endian int32 (32 hex digits).
+    The same ids give the same key in `generate`, `prepare` and `cache-teacher`."""
+    return hashlib.sha256(np.asarray(input_ids, dtype="<i4").tobytes()).hexdigest()[:32]
+
+
+def iter_generated_logprobs(directory: str) -> Iterator[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]]:
+    """Stream (seq_key, (positions (n,) int64, ids (n, K) int32, logprobs (n, K) float32, tail (n,) float32))
+    for every kept sample of a `generate` output directory, one Parquet batch at a time."""
+    import pyarrow.parquet as pq
+
+    d = os.path.join(directory, LOGPROBS_DIR)
+    if not os.path.isdir(d):
+        raise ConfigError(f"'{directory}' holds no generated teacher logprobs ({LOGPROBS_DIR}/ missing); run `distillery generate CONFIG`")
+    for name in sorted(os.listdir(d)):
+        if not name.endswith(".parquet"):
+            continue
+        for rb in pq.ParquetFile(os.path.join(d, name)).iter_batches(columns=["seq_key", "labels", IDS_COL, LOGPROBS_COL, TAIL_COL], batch_size=256):
+            cols = rb.to_pydict()
+            for key, labels, ids, lps, tail in zip(cols["seq_key"], cols["labels"], cols[IDS_COL], cols[LOGPROBS_COL], cols[TAIL_COL]):
+                pos = target_positions(labels)
+                yield key, (pos, np.array([ids[t] for t in pos], dtype=np.int32).reshape(len(pos), -1),
+                            np.array([lps[t] for t in pos], dtype=np.float32).reshape(len(pos), -1),
+                            np.asarray(tail, dtype=np.float32)[pos])
+
+
+def load_generated_logprobs(directory: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """{seq_key: (positions (n,) int64, ids (n, K) int32, logprobs (n, K) float32, tail (n,) float32)} of a
+    `generate` output directory: the teacher-cache entries of every kept sample, by `sequence_key(input_ids)`."""
+    return dict(iter_generated_logprobs(directory))
+
+
 class RowEntries:
     """One row's cache entries over its n target positions.
 
@@ -241,8 +281,6 @@ class StoredEntries:
     """
 
     def __init__(self, directories: list[str], top_k: int):
-        from distillery.distill.generate import iter_generated_logprobs
-
         self.top_k = top_k
         self.stored: dict[str, tuple] = {}
         for d in directories:
@@ -251,8 +289,6 @@ class StoredEntries:
     def lookup(self, input_ids: list[int], labels: list[int]) -> RowEntries | None:
         """The row's stored entries, or None when its sequence is not stored (or its target positions
         differ from the stored ones, e.g. labels masked differently)."""
-        from distillery.distill.generate import sequence_key
-
         hit = self.stored.get(sequence_key(input_ids))
         if hit is None:
             return None
@@ -677,8 +713,6 @@ def check_reuse(cfg: Config, identity: dict[str, Any], top_k: int, samples: int)
     """distill.cache_reuse: every directory is a `generate` output of this very teacher (content hash)
     whose stored top-k holds at least distill.top_k entries, and the cache is a plain top-k one
     (the stored entries have no sampled tail). ConfigError naming the key otherwise."""
-    from distillery.distill.generate import MANIFEST
-
     if not cfg.distill.cache_reuse:
         return
     if samples:
@@ -687,9 +721,9 @@ def check_reuse(cfg: Config, identity: dict[str, Any], top_k: int, samples: int)
             f"{samples}; set distill.cache_samples=0 to reuse it (or drop cache_reuse to score every row)")
     for i, d in enumerate(cfg.distill.cache_reuse):
         key = f"distill.cache_reuse.{i}"
-        path = os.path.join(d, MANIFEST)
+        path = os.path.join(d, GENERATE_MANIFEST)
         if not os.path.isfile(path):
-            raise TeacherCacheError(f"{key}: '{d}' is not a `distillery generate` output (no {MANIFEST})")
+            raise TeacherCacheError(f"{key}: '{d}' is not a `distillery generate` output (no {GENERATE_MANIFEST})")
         manifest = json.loads(Path(path).read_text())
         made_by = manifest.get("teacher", {}).get("hash")
         if made_by != identity.get("hash"):
@@ -705,8 +739,6 @@ def check_reuse(cfg: Config, identity: dict[str, Any], top_k: int, samples: int)
 def count_reused(cfg: Config, splits: list[str]) -> dict[str, int]:
     """Per split, the prepared rows whose sequence `generate` stored (distill.cache_reuse): they take
     the stored entries instead of a teacher run."""
-    from distillery.distill.generate import iter_generated_logprobs, sequence_key
-
     import pyarrow.parquet as pq
 
     keys = {k for d in cfg.distill.cache_reuse for k, _ in iter_generated_logprobs(d)}
