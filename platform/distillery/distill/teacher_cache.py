@@ -210,6 +210,18 @@ def iter_generated_logprobs(directory: str) -> Iterator[tuple[str, tuple[np.ndar
                             np.asarray(tail, dtype=np.float32)[pos])
 
 
+def generated_keys(directory: str) -> set[str]:
+    """The seq_keys of every sample a `generate` output directory stored logprobs for (the key
+    column only: no logprobs are read)."""
+    import pyarrow.parquet as pq
+
+    d = os.path.join(directory, LOGPROBS_DIR)
+    if not os.path.isdir(d):
+        raise ConfigError(f"'{directory}' holds no generated teacher logprobs ({LOGPROBS_DIR}/ missing); run `distillery generate CONFIG`")
+    return {k for name in sorted(os.listdir(d)) if name.endswith(".parquet")
+            for k in pq.read_table(os.path.join(d, name), columns=["seq_key"]).column("seq_key").to_pylist()}
+
+
 def load_generated_logprobs(directory: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """{seq_key: (positions (n,) int64, ids (n, K) int32, logprobs (n, K) float32, tail (n,) float32)} of a
     `generate` output directory: the teacher-cache entries of every kept sample, by `sequence_key(input_ids)`."""
@@ -741,7 +753,7 @@ def count_reused(cfg: Config, splits: list[str]) -> dict[str, int]:
     the stored entries instead of a teacher run."""
     import pyarrow.parquet as pq
 
-    keys = {k for d in cfg.distill.cache_reuse for k, _ in iter_generated_logprobs(d)}
+    keys = set().union(*(generated_keys(d) for d in cfg.distill.cache_reuse))
     out = {}
     for split in splits:
         ids = pq.read_table(split_dir(cfg.prepared_dir, split), columns=["input_ids"]).column("input_ids").to_pylist()

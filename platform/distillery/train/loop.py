@@ -207,10 +207,10 @@ class Worker:
             import torch.distributed as dist
 
             dist.all_reduce(per_rank)
-        self.load_bytes = [int(b) for b in per_rank.tolist()]
-        self.say(f"sharded load: {self.world} workers read {', '.join(f'{b / 2**20:.2f}' for b in self.load_bytes)} MiB "
+        read = [int(b) for b in per_rank.tolist()]
+        self.say(f"sharded load: {self.world} workers read {', '.join(f'{b / 2**20:.2f}' for b in read)} MiB "
                  f"of a {stats.checkpoint_bytes / 2**20:.2f} MiB checkpoint")
-        self.plan_extra = {"load_bytes_read_max": max(self.load_bytes), "checkpoint_bytes": stats.checkpoint_bytes}
+        self.plan_extra = {"load_bytes_read_max": max(read), "checkpoint_bytes": stats.checkpoint_bytes}
 
     def _say_memory_plan(self, model) -> None:
         """Two lines (rank 0) with the memory plan per worker (train/memory_plan.py)."""
