@@ -296,3 +296,15 @@ def test_cached_objective_validates_against_the_full_teacher(sampled, tiny_teach
     blind = DistillObjective(load_config(None, base + ["distill.teacher_mode=cached"]), None, student, cpu).evaluate(student, batch)
     assert "teacher_kl" not in blind and "teacher_top1_agreement" not in blind
     assert blind["teacher_kl_cache"] == pytest.approx(ev["teacher_kl_cache"], rel=1e-6)
+
+
+@pytest.mark.parametrize("key, value", [("tensor_parallel_size", 2), ("gpu_memory_utilization", 0.5), ("max_model_len", 128)])
+def test_vllm_engine_settings_are_refused_for_the_hf_backend(cached, tmp_path, tiny_teacher, key, value):
+    """distill.cache_engine keys that only shape a vLLM engine fail before Ray when the cache is
+    built by the HF forward (GPU keys on CPU fail for that first)."""
+    _, prepared = cached
+    cfg = load_config(None, [f"data.prepared={prepared}", f"distill.cache={tmp_path / 'c'}", f"model.teacher={tiny_teacher}",
+                             "distill.cache_backend=hf", f"distill.cache_engine.{key}={value}"])
+    with pytest.raises(ConfigError, match=rf"distill.cache_engine.{key} (sets up a vLLM engine|is a GPU setting)"):
+        run_cache_teacher(cfg)
+    assert not (tmp_path / "c").exists()

@@ -163,3 +163,19 @@ def test_sequence_keys_and_sample_seeds_are_stable():
     seeds = {sample_seed(0, "p", i) for i in range(8)} | {sample_seed(1, "p", 0), sample_seed(0, "q", 0)}
     assert len(seeds) == 10 and all(0 <= s < 2**31 for s in seeds)
     assert sample_seed(0, "p", 3) == sample_seed(0, "p", 3)
+
+
+def test_engine_settings_reach_the_engine(tmp_path, tiny_teacher):
+    """generate.engine: its dtype and context replace the defaults in the engine's arguments; a
+    context with no room for an answer and GPU keys on a CPU run fail before Ray starts."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    base = [f"generate.sources=[{{path: {prompts}, format: prompts}}]", f"model.teacher={tiny_teacher}", f"model.path={tiny_teacher}",
+            f"output_dir={tmp_path}/run", "data.max_length=64"]
+    ctx = validate_generate(load_config(None, base + ["generate.engine.dtype=bfloat16", "generate.engine.max_model_len=100"]))
+    assert ctx.engine == {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 100} and ctx.max_model_len == 100
+    assert ctx.engine_dtype == "bfloat16" and ctx.resources == {}
+    with pytest.raises(ConfigError, match=r"generate.engine.max_model_len: 64 leaves no room"):
+        validate_generate(load_config(None, base + ["generate.engine.max_model_len=64"]))
+    with pytest.raises(ConfigError, match=r"generate.engine.tensor_parallel_size is a GPU setting"):
+        validate_generate(load_config(None, base + ["generate.engine.tensor_parallel_size=2"]))

@@ -69,7 +69,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data import Datasink
 
-from distillery.config import Config, ConfigError
+from distillery.config import Config, ConfigError, EngineConfig
 from distillery.engine_settings import check_engine, engine_dtype, engine_kwargs, engine_resources
 from distillery.data.splits import IGNORE_INDEX, SPLITS, PreparedDataError, load_manifest, read_parquet, read_split, split_dir
 from distillery.files import install_dir, removed_on_failure, write_text_atomic
@@ -895,11 +895,14 @@ def run_cache_teacher(cfg: Config) -> int:
         raise TeacherCacheError("model.teacher: cache-teacher needs a teacher (model.teacher or model.teachers)")
     backend = choose_backend(cfg)
     check_engine(cfg.distill.cache_engine, "distill.cache_engine", cfg.train.use_gpu)
-    if backend == "hf" and cfg.distill.cache_engine.tensor_parallel_size > 1:
-        raise TeacherCacheError(
-            "distill.cache_engine.tensor_parallel_size shards a vLLM engine, and this cache uses the hf backend "
-            "(several teachers, a sampled tail, or an adapter teacher); set distill.cache_backend=vllm or leave it at 1"
-        )
+    if backend == "hf":
+        # The HF forward takes only the engine's dtype (and its accelerator type); the rest shape a vLLM engine.
+        engine, defaults = cfg.distill.cache_engine, EngineConfig.model_fields
+        for key in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len"):
+            if getattr(engine, key) != defaults[key].default:
+                raise TeacherCacheError(
+                    f"distill.cache_engine.{key} sets up a vLLM engine, and this cache uses the hf backend (on CPU, or with "
+                    f"several teachers, a sampled tail or an adapter teacher); set distill.cache_backend=vllm or leave it unset")
     identity = cache_teacher_identity(specs)
     check_reuse(cfg, identity, cfg.distill.top_k, cfg.distill.cache_samples)
     vocab = teachers_vocab_size(specs)

@@ -49,7 +49,7 @@ def _evaluate_one(cfg: Config, m, model_dir: Path, examples: list, labels_by_tas
     prompts = [render_prompt(tok, e, ec.chat) for e in examples]
     is_teacher = teacher_dir is not None and model_dir.resolve() == teacher_dir.resolve()
     source = quantised_source(model_dir)
-    max_len = ec.engine.max_model_len or eval_max_model_len(
+    max_len = eval_max_model_len(
         max((len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=1), ec.max_new_tokens,
         getattr(model_config(model_dir).get_text_config(), "max_position_embeddings", None))
     print(f"eval: generating with {name} ({model_dir})", flush=True)
