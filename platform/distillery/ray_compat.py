@@ -83,6 +83,12 @@ NOISE = (
     # Ray Train's echo of every `ray.train.report` as one long dict: the loop's own progress line
     # says the same, and metrics.jsonl has every value.
     "Reporting training result ",
+    # Ray Data's lines for every pass of every streaming split a training run reads (three per epoch
+    # per split, from its SplitCoordinator actors): the run's own step lines already show its progress.
+    "Starting execution of Dataset ",
+    "Execution plan of Dataset ",
+    " execution finished in ",
+    "Progress bars disabled. To enable, set ",
 )
 
 

@@ -155,12 +155,16 @@ def test_report_contamination_section():
 
 def test_demo_test_prompts_are_disjoint_from_training_prompts(tmp_path):
     from distillery.data.normalize import normalize_text
+    from distillery.demo import N_LABELLED, N_PROMPTS, N_TEACHER_ROWS
     from distillery.demo.corpus import held_out_rows, prompt_of, write_corpus
 
-    paths = write_corpus(tmp_path, n_train=3000, n_test=200, seed=0)  # the demo's sizes
+    paths = write_corpus(tmp_path, n_train=N_TEACHER_ROWS, n_test=200, seed=0, n_labelled=N_LABELLED, n_prompts=N_PROMPTS)
     train = [json.loads(l) for l in paths["train"].read_text(encoding="utf-8").splitlines()]
+    labelled = [json.loads(l) for l in paths["labelled"].read_text(encoding="utf-8").splitlines()]
+    pool = [json.loads(l)["prompt"] for l in paths["prompts"].read_text(encoding="utf-8").splitlines()]
     test = [json.loads(l) for l in paths["test"].read_text(encoding="utf-8").splitlines()]
-    assert {normalize_text(prompt_of(r)) for r in train}.isdisjoint(normalize_text(r["prompt"]) for r in test)
+    seen = {normalize_text(prompt_of(r)) for r in train + labelled} | {normalize_text(p) for p in pool}
+    assert seen.isdisjoint(normalize_text(r["prompt"]) for r in test)
     # Formats unchanged, task mix that of the generators.
     assert all({"instruction", "output", "task", "metric"} <= set(r) <= {"instruction", "input", "output", "task", "metric"} for r in train)
     assert all(set(r) == {"prompt", "reference", "task", "metric"} for r in test)

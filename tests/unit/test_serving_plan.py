@@ -98,7 +98,8 @@ def test_llm_config_on_gpus(tmp_path):
     assert not {"tensor_parallel_size", "gpu_memory_utilization"} & set(plain.engine_kwargs) and plain.accelerator_type is None
 
 
-def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path):
+def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     base = fake_model(tmp_path / "teacher", max_pos=512)
     run = fake_lora_run(tmp_path / "run", base, r=24)
     cfg = cfg_for([{"path": str(run), "name": "tuned"}], max_num_seqs=8, max_num_batched_tokens=512,
@@ -110,6 +111,9 @@ def test_llm_config_carries_batching_limits_autoscaling_and_lora(tmp_path):
     assert lc.engine_kwargs["enable_lora"] is True and lc.engine_kwargs["max_lora_rank"] == 32
     assert lc.engine_kwargs["dtype"] == "float32"
     assert lc.runtime_env["env_vars"]["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert lc.runtime_env["env_vars"]["VLLM_LOGGING_LEVEL"] == "WARNING"  # no engine-config wall on the terminal
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    assert llm_config(cfg, engine, use_gpu=False).runtime_env["env_vars"]["VLLM_LOGGING_LEVEL"] == "DEBUG"
     d = lc.deployment_config
     assert (d["max_ongoing_requests"], d["max_queued_requests"]) == (5, 7)
     assert d["backpressure_config"] == {"status_code": 429, "retry_after_s": 3}

@@ -182,7 +182,9 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         if s.tensor_parallel_size > 1:
             # Serve LLM reserves the GPUs as one placement group bundle per shard of the replica.
             engine_kwargs["tensor_parallel_size"] = s.tensor_parallel_size
-    env_vars: dict[str, str] = {}
+    # Each engine logs its whole configuration and its start-up steps at INFO: a wall of lines on the
+    # terminal of a Ray that echoes worker logs. VLLM_LOGGING_LEVEL set by the user wins.
+    env_vars: dict[str, str] = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     if not use_gpu:
         # CUDA-graph capture does not exist on CPU and torch.compile dominates start-up on small
         # hosts; eager mode starts an engine in about a third of the time.
@@ -219,7 +221,7 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         engine_kwargs=engine_kwargs,
         accelerator_config={"kind": "gpu" if use_gpu else "cpu"},
         **({"accelerator_type": s.accelerator_type} if use_gpu and s.accelerator_type else {}),
-        runtime_env={"env_vars": env_vars} if env_vars else None,
+        runtime_env={"env_vars": env_vars},
         deployment_config=deployment_config,
         lora_config=lora_config,
         server_cls=DistilleryLLMServer,
