@@ -8,6 +8,7 @@ engines through Ray Serve LLM from the flat `serve.*` keys of the same meaning (
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from distillery.config import ConfigError, EngineConfig
@@ -65,3 +66,9 @@ def engine_resources(engine: EngineConfig, use_gpu: bool) -> dict[str, Any]:
     if engine.accelerator_type:
         out["accelerator_type"] = engine.accelerator_type
     return out
+
+
+def engine_log_env(level: str = "WARNING") -> dict[str, str]:
+    """The env var that keeps a vLLM engine's INFO logging (its whole configuration, every start-up
+    step) off the terminal of a Ray that echoes worker logs; VLLM_LOGGING_LEVEL set by the user wins."""
+    return {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", level)}

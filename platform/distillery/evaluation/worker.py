@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config
-from distillery.engine_settings import engine_kwargs, engine_resources
+from distillery.engine_settings import engine_kwargs, engine_log_env, engine_resources
 from distillery.evaluation.generation import Generations, generate
 from distillery.evaluation.model_metrics import val_and_teacher_metrics
 
@@ -53,8 +53,8 @@ def evaluate_on_worker(cfg: Config, local: bool, model_dir: Path, prompts: list[
 
     ec = cfg.eval
     engine = engine_kwargs(ec.engine, cfg.model.dtype, cfg.train.use_gpu, max_model_len)
-    env = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    task = ray.remote(_evaluate_model).options(**eval_task_resources(cfg, local), runtime_env={"env_vars": env}, max_retries=0)
+    task = ray.remote(_evaluate_model).options(**eval_task_resources(cfg, local), runtime_env={"env_vars": engine_log_env()},
+                                               max_retries=0)
     ref = task.remote(str(model_dir), prompts, ec.max_new_tokens, ec.backend, engine,
                       str(teacher_dir) if teacher_dir else None, cfg.prepared_dir,
                       str(source_dir) if source_dir else None, cfg.train.use_gpu)

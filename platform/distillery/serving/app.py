@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery.config import Config, ConfigError, check_paths, load_config
-from distillery.engine_settings import check_engine
+from distillery.engine_settings import check_engine, engine_log_env
 from distillery.export.merge import merge_adapter
 from distillery.models.load import adapter_base, resolve_model_dir, vllm_max_lora_rank
 from distillery.registry.record import REGISTRY_PREFIX, resolve_model_ref
@@ -182,9 +182,7 @@ def llm_config(cfg: Config, engine: EngineSpec, use_gpu: bool):
         if s.tensor_parallel_size > 1:
             # Serve LLM reserves the GPUs as one placement group bundle per shard of the replica.
             engine_kwargs["tensor_parallel_size"] = s.tensor_parallel_size
-    # Each engine logs its whole configuration and its start-up steps at INFO: a wall of lines on the
-    # terminal of a Ray that echoes worker logs. VLLM_LOGGING_LEVEL set by the user wins.
-    env_vars: dict[str, str] = {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    env_vars = engine_log_env()
     if not use_gpu:
         # CUDA-graph capture does not exist on CPU and torch.compile dominates start-up on small
         # hosts; eager mode starts an engine in about a third of the time.
